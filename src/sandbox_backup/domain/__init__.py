@@ -1,0 +1,1 @@
+"""Pure domain rules: states, policies and image references. No I/O here."""
