@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.redis",
     "tests.fixtures.registry",
     "tests.fixtures.podman",
+    "tests.fixtures.manager",
 ]

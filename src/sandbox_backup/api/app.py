@@ -1,0 +1,196 @@
+"""The manager's REST API (FastAPI). Every path but /health needs `Authorization: Bearer <token>`."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from typing import Annotated
+
+import fastapi
+from fastapi import status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from sandbox_backup import errors
+from sandbox_backup.api import schemas
+from sandbox_backup.domain import reference
+from sandbox_backup.manager import lifecycle, tracking
+from sandbox_backup.manager.service import BackupManager
+from sandbox_backup.runner.models import BackupReport
+from sandbox_backup.store import backups, fleet, sandboxes
+
+logger = logging.getLogger(__name__)
+
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+ERROR_STATUS = {
+    errors.InvalidInput: status.HTTP_400_BAD_REQUEST,
+    errors.NotFound: status.HTTP_404_NOT_FOUND,
+    errors.Conflict: status.HTTP_409_CONFLICT,
+    tracking.ReportRejected: status.HTTP_401_UNAUTHORIZED,
+}
+
+
+def _bearer(authorization: str | None) -> str:
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def create_app(manager: BackupManager) -> fastapi.FastAPI:
+    """Build the API app around a manager."""
+    app = fastapi.FastAPI(title="sandbox-backup manager", version="0.1.0")
+    ctx = manager.ctx
+    expected_token = ctx.settings.api_token.get_secret_value()
+
+    async def require_token(authorization: Annotated[str | None, fastapi.Header()] = None) -> None:
+        token = _bearer(authorization)
+        if not expected_token or not hmac.compare_digest(token.encode(), expected_token.encode()):
+            raise fastapi.HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token; send Authorization: Bearer <api token>")
+
+    _install_error_handlers(app)
+    api = fastapi.APIRouter(prefix="/api/v1", dependencies=[fastapi.Depends(require_token)])
+    reports = fastapi.APIRouter(prefix="/api/v1")
+
+    @app.get("/health", tags=["health"])
+    async def get_health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.put("/runners/{runner_id}", response_model=schemas.RunnerOut, tags=["runners"])
+    async def put_runner(runner_id: str, body: schemas.RunnerIn) -> schemas.RunnerOut:
+        _check_id(runner_id, "runner id")
+        async with ctx.db.transaction() as session:
+            runner = await fleet.upsert_runner(
+                session,
+                runner_id=runner_id,
+                api_url=str(body.api_url).rstrip("/"),
+                token=body.token.get_secret_value(),
+                now=ctx.now(),
+                state=body.state,
+                region=body.region,
+                capacity=body.capacity,
+                max_concurrent_backups=body.max_concurrent_backups,
+            )
+        logger.info("runner registered", extra={"action": "runner_registered", "runner_id": runner_id, "state": body.state.value})
+        return schemas.RunnerOut.model_validate(runner)
+
+    @api.get("/runners", response_model=list[schemas.RunnerOut], tags=["runners"])
+    async def get_runners() -> list[schemas.RunnerOut]:
+        async with ctx.db.transaction() as session:
+            return [schemas.RunnerOut.model_validate(r) for r in await fleet.list_runners(session)]
+
+    @api.put("/registries/{registry_id}", response_model=schemas.RegistryOut, tags=["registries"])
+    async def put_registry(registry_id: str, body: schemas.RegistryIn) -> schemas.RegistryOut:
+        _check_id(registry_id, "registry id")
+        url = str(body.url).rstrip("/")
+        reference.registry_host(url)
+        async with ctx.db.transaction() as session:
+            registry = await fleet.upsert_registry(
+                session,
+                registry_id=registry_id,
+                url=url,
+                now=ctx.now(),
+                project=body.project,
+                username=body.username,
+                password=body.password.get_secret_value() if body.password else None,
+                region=body.region,
+                organization_id=body.organization_id,
+                is_default=body.is_default,
+            )
+        logger.info("registry registered", extra={"action": "registry_registered", "registry_id": registry_id, "url": url})
+        return schemas.RegistryOut.model_validate(registry)
+
+    @api.get("/registries", response_model=list[schemas.RegistryOut], tags=["registries"])
+    async def get_registries() -> list[schemas.RegistryOut]:
+        async with ctx.db.transaction() as session:
+            return [schemas.RegistryOut.model_validate(r) for r in await fleet.list_registries(session)]
+
+    @api.put("/sandboxes/{sandbox_id}", response_model=schemas.SandboxOut, tags=["sandboxes"])
+    async def put_sandbox(sandbox_id: str, body: schemas.SandboxIn) -> schemas.SandboxOut:
+        fields = sandboxes.SandboxFields(
+            state=body.state,
+            runner_id=body.runner_id,
+            organization_id=body.organization_id,
+            region=body.region,
+            desired_state=body.desired_state,
+            ephemeral=body.ephemeral,
+        )
+        sandbox = await lifecycle.upsert_sandbox(ctx, sandbox_id, fields)
+        return schemas.SandboxOut.model_validate(sandbox)
+
+    @api.get("/sandboxes/{sandbox_id}", response_model=schemas.SandboxOut, tags=["sandboxes"])
+    async def get_sandbox(sandbox_id: str) -> schemas.SandboxOut:
+        return schemas.SandboxOut.model_validate(await lifecycle.get_sandbox(ctx, sandbox_id))
+
+    @api.get("/sandboxes", response_model=list[schemas.SandboxOut], tags=["sandboxes"])
+    async def list_sandboxes(
+        limit: Annotated[int, fastapi.Query(ge=1, le=1000)] = 100, offset: Annotated[int, fastapi.Query(ge=0)] = 0
+    ) -> list[schemas.SandboxOut]:
+        async with ctx.db.transaction() as session:
+            rows = await sandboxes.list_sandboxes(session, limit=limit, offset=offset)
+        return [schemas.SandboxOut.model_validate(s) for s in rows]
+
+    @api.post("/sandboxes/{sandbox_id}/events", response_model=schemas.SandboxOut, tags=["sandboxes"])
+    async def post_event(sandbox_id: str, body: schemas.EventIn) -> schemas.SandboxOut:
+        if body.type == lifecycle.LifecycleEvent.BACKUP_REQUESTED:
+            await lifecycle.request_backup(ctx, sandbox_id)
+        else:
+            await lifecycle.handle_event(ctx, sandbox_id, body.type)
+        return schemas.SandboxOut.model_validate(await lifecycle.get_sandbox(ctx, sandbox_id))
+
+    @api.post("/sandboxes/{sandbox_id}/backup", response_model=schemas.BackupOut, status_code=status.HTTP_202_ACCEPTED, tags=["backups"])
+    async def post_backup(sandbox_id: str) -> schemas.BackupOut:
+        return schemas.BackupOut.model_validate(await lifecycle.request_backup(ctx, sandbox_id))
+
+    @api.get("/sandboxes/{sandbox_id}/backups", response_model=list[schemas.BackupOut], tags=["backups"])
+    async def list_backups(sandbox_id: str) -> list[schemas.BackupOut]:
+        await lifecycle.get_sandbox(ctx, sandbox_id)
+        async with ctx.db.transaction() as session:
+            rows = await backups.list_for_sandbox(session, sandbox_id)
+        return [schemas.BackupOut.model_validate(b) for b in rows]
+
+    @api.get("/backups/{backup_id}", response_model=schemas.BackupOut, tags=["backups"])
+    async def get_backup(backup_id: str) -> schemas.BackupOut:
+        async with ctx.db.transaction() as session:
+            backup = await backups.get_backup(session, backup_id)
+        if backup is None:
+            raise errors.NotFound(f"backup {backup_id!r} does not exist")
+        return schemas.BackupOut.model_validate(backup)
+
+    @reports.post("/runners/{runner_id}/reports", response_model=schemas.ReportOut, status_code=status.HTTP_202_ACCEPTED, tags=["runners"])
+    async def post_report(runner_id: str, body: BackupReport, authorization: Annotated[str | None, fastapi.Header()] = None) -> schemas.ReportOut:
+        accepted = await tracking.handle_report(ctx, runner_id, _bearer(authorization), body)
+        return schemas.ReportOut(accepted=accepted)
+
+    app.include_router(api)
+    app.include_router(reports)
+    return app
+
+
+def _check_id(value: str, what: str) -> None:
+    if not ID_RE.fullmatch(value):
+        raise errors.InvalidInput(f"{what} {value!r} is invalid: use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
+def _install_error_handlers(app: fastapi.FastAPI) -> None:
+    def body(code: str, message: str) -> dict[str, object]:
+        return {"error": {"code": code, "message": message}}
+
+    @app.exception_handler(errors.SandboxBackupError)
+    async def on_product_error(request: fastapi.Request, exc: errors.SandboxBackupError) -> JSONResponse:
+        code = next((status_code for cls, status_code in ERROR_STATUS.items() if isinstance(exc, cls)), status.HTTP_502_BAD_GATEWAY)
+        return JSONResponse(body(type(exc).__name__, str(exc)), status_code=code)
+
+    @app.exception_handler(fastapi.HTTPException)
+    async def on_http_error(request: fastapi.Request, exc: fastapi.HTTPException) -> JSONResponse:
+        code = "Unauthorized" if exc.status_code == 401 else "HTTPError"
+        return JSONResponse(body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: fastapi.Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors():
+            location = ".".join(str(part) for part in error["loc"] if part != "body")
+            problems.append(f"{location}: {error['msg']}")
+        return JSONResponse(body("InvalidInput", "invalid request: " + "; ".join(problems)), status_code=status.HTTP_422_UNPROCESSABLE_ENTITY)
+

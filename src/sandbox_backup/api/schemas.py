@@ -1,0 +1,114 @@
+"""JSON bodies of the manager's REST API (camelCase on the wire)."""
+
+from __future__ import annotations
+
+import datetime
+
+import pydantic
+from pydantic.alias_generators import to_camel
+
+from sandbox_backup.domain.states import BackupState, BackupTrigger, RunnerState, SandboxBackupState, SandboxState
+from sandbox_backup.manager.lifecycle import LifecycleEvent
+
+
+class ApiModel(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True, extra="forbid")
+
+
+class RunnerIn(ApiModel):
+    api_url: pydantic.AnyHttpUrl = pydantic.Field(description="Base URL of the runner agent, e.g. http://10.0.0.5:8300.")
+    token: pydantic.SecretStr = pydantic.Field(description="Bearer token of the runner agent; also authenticates its reports.")
+    state: RunnerState = RunnerState.READY
+    region: str | None = None
+    capacity: int = pydantic.Field(100, ge=0, le=100_000)
+    max_concurrent_backups: int | None = pydantic.Field(None, ge=1, le=1000, description="Cap of backups in flight on this runner; empty uses the manager default.")
+
+
+class RunnerOut(ApiModel):
+    id: str
+    api_url: str
+    state: RunnerState
+    region: str | None
+    capacity: int
+    max_concurrent_backups: int | None
+    last_seen_at: datetime.datetime | None
+
+
+class RegistryIn(ApiModel):
+    url: pydantic.AnyHttpUrl = pydantic.Field(description="Registry base URL, e.g. https://registry.example.com.")
+    project: str | None = pydantic.Field(None, description="Path prefix of backup repositories; default sandbox-backup.")
+    username: str | None = None
+    password: pydantic.SecretStr | None = pydantic.Field(None, description="Write-only: never returned.")
+    region: str | None = None
+    organization_id: str | None = None
+    is_default: bool = False
+
+
+class RegistryOut(ApiModel):
+    id: str
+    url: str
+    project: str | None
+    username: str | None
+    region: str | None
+    organization_id: str | None
+    is_default: bool
+
+
+class SandboxIn(ApiModel):
+    state: SandboxState
+    runner_id: str | None = None
+    organization_id: str | None = pydantic.Field(None, description="Empty for a warm-pool sandbox, which is never backed up.")
+    region: str | None = None
+    desired_state: SandboxState | None = None
+    ephemeral: bool = False
+
+
+class SandboxOut(ApiModel):
+    id: str
+    organization_id: str | None
+    runner_id: str | None
+    region: str | None
+    state: SandboxState
+    desired_state: SandboxState | None
+    backup_state: SandboxBackupState
+    current_backup_id: str | None
+    backup_registry_id: str | None
+    last_backup_at: datetime.datetime | None
+    error_reason: str | None
+    ephemeral: bool
+
+
+class EventIn(ApiModel):
+    type: LifecycleEvent
+
+
+class BackupOut(ApiModel):
+    id: str
+    sandbox_id: str
+    runner_id: str | None
+    registry_id: str
+    image_ref: str
+    manifest_digest: str | None
+    size_bytes: int | None
+    state: BackupState
+    trigger: BackupTrigger
+    attempt: int
+    next_attempt_at: datetime.datetime
+    error_reason: str | None
+    created_at: datetime.datetime
+    started_at: datetime.datetime | None
+    completed_at: datetime.datetime | None
+    verified_at: datetime.datetime | None
+
+
+class ReportOut(ApiModel):
+    accepted: bool
+
+
+class ErrorBody(ApiModel):
+    code: str
+    message: str
+
+
+class ErrorOut(ApiModel):
+    error: ErrorBody

@@ -1,0 +1,139 @@
+"""Manager settings: environment variables `SANDBOX_BACKUP_*`, a TOML file, then defaults.
+
+The TOML file is named by `SANDBOX_BACKUP_CONFIG_FILE` (default: none). Environment variables win
+over the file. Every interval, batch size, cap, timeout and retry setting is validated at start,
+and a value out of range fails with the key and the allowed range in the message.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import pydantic
+import pydantic_settings
+
+ENV_PREFIX = "SANDBOX_BACKUP_"
+CONFIG_FILE_ENV = "SANDBOX_BACKUP_CONFIG_FILE"
+
+
+class Settings(pydantic_settings.BaseSettings):
+    """Effective configuration of a manager replica."""
+
+    model_config = pydantic_settings.SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    # Storage and coordination.
+    data_dir: pathlib.Path = pydantic.Field(pathlib.Path("data"), description="Folder for the SQLite file and local state.")
+    database_url: str | None = pydantic.Field(None, description="SQLAlchemy URL; empty means SQLite in data_dir. postgresql:// URLs use asyncpg.")
+    coordination_url: str | None = pydantic.Field(None, description="redis://... for locks shared by replicas; empty means in-process locks.")
+
+    # REST API.
+    api_host: str = pydantic.Field("127.0.0.1", description="Address the manager API binds to.")
+    api_port: int = pydantic.Field(8200, ge=1, le=65535, description="Port of the manager API.")
+    api_token: pydantic.SecretStr = pydantic.Field(pydantic.SecretStr(""), description="Bearer token every API call must carry.")
+
+    # Schedule.
+    backup_interval_s: float = pydantic.Field(3600.0, ge=60, le=30 * 86400, description="A running sandbox is due when its last completed backup is older than this.")
+    due_check_interval_s: float = pydantic.Field(60.0, ge=1, le=86400, description="How often running sandboxes are checked for a due backup.")
+    stopped_check_interval_s: float = pydantic.Field(10.0, ge=1, le=3600, description="How often stopped and archiving sandboxes are checked.")
+    due_check_batch: int = pydantic.Field(1000, ge=1, le=100_000, description="Sandboxes queued per due-check pass.")
+
+    # Dispatch and tracking.
+    dispatch_interval_s: float = pydantic.Field(2.0, ge=0.1, le=600, description="How often PENDING attempts are sent to runners (events also wake the dispatcher at once).")
+    dispatch_batch: int = pydantic.Field(1000, ge=1, le=100_000, description="Attempts dispatched per pass, across all runners.")
+    max_concurrent_backups_per_runner: int = pydantic.Field(6, ge=1, le=1000, description="Default cap of attempts in flight on one runner; a runner's own setting wins.")
+    runner_call_concurrency: int = pydantic.Field(64, ge=1, le=4096, description="HTTP calls to runners in flight at once from one manager.")
+    progress_interval_s: float = pydantic.Field(10.0, ge=0.5, le=3600, description="How often IN_PROGRESS attempts are checked on their runner.")
+    progress_batch: int = pydantic.Field(500, ge=1, le=100_000, description="Attempts checked per progress pass.")
+    attempt_deadline_s: float = pydantic.Field(7200.0, ge=60, le=7 * 86400, description="An attempt still IN_PROGRESS after this is failed as timed out.")
+    unknown_attempt_grace_s: float = pydantic.Field(30.0, ge=0, le=3600, description="How long after dispatch a runner may still not know an attempt before it counts as lost.")
+    runner_timeout_s: float = pydantic.Field(30.0, ge=1, le=3600, description="Timeout of one HTTP call to a runner.")
+    runner_health_interval_s: float = pydantic.Field(15.0, ge=1, le=3600, description="How often runners are probed.")
+    runner_unresponsive_after: int = pydantic.Field(3, ge=1, le=100, description="Failed probes in a row before a READY runner becomes UNRESPONSIVE.")
+    registry_timeout_s: float = pydantic.Field(10.0, ge=1, le=600, description="Timeout of one HTTP call to a registry.")
+
+    # Retries.
+    retry_max_attempts: int = pydantic.Field(5, ge=1, le=100, description="Attempts per backup before it ends in ERROR.")
+    retry_base_delay_s: float = pydantic.Field(30.0, ge=0, le=86400, description="Delay before the first retry; doubles with each attempt.")
+    retry_max_delay_s: float = pydantic.Field(3600.0, ge=0, le=7 * 86400, description="Upper bound of the retry delay.")
+    retry_jitter: float = pydantic.Field(0.2, ge=0, le=1, description="Fraction of the delay added or removed at random, so retries of many sandboxes spread out.")
+
+    # Registry cleanup.
+    cleanup_interval_s: float = pydantic.Field(30.0, ge=1, le=86400, description="How often owed registry deletions are worked off.")
+    cleanup_batch: int = pydantic.Field(100, ge=1, le=10_000, description="Owed deletions handled per pass.")
+
+    # Logs.
+    log_level: str = pydantic.Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_json: bool = pydantic.Field(False, description="Write one JSON object per log line.")
+
+    @pydantic.field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"log_level {value!r} is not one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @pydantic.model_validator(mode="after")
+    def _check_delays(self) -> Settings:
+        if self.retry_max_delay_s < self.retry_base_delay_s:
+            raise ValueError(
+                f"retry_max_delay_s ({self.retry_max_delay_s}) must be at least retry_base_delay_s ({self.retry_base_delay_s})"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[pydantic_settings.BaseSettings],
+        init_settings: pydantic_settings.PydanticBaseSettingsSource,
+        env_settings: pydantic_settings.PydanticBaseSettingsSource,
+        dotenv_settings: pydantic_settings.PydanticBaseSettingsSource,
+        file_secret_settings: pydantic_settings.PydanticBaseSettingsSource,
+    ) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
+        sources: list[pydantic_settings.PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            sources.append(pydantic_settings.TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    def effective_database_url(self) -> str:
+        """Return the async SQLAlchemy URL: the configured one, or SQLite inside data_dir."""
+        if not self.database_url:
+            return f"sqlite+aiosqlite:///{self.data_dir / 'sandbox-backup.db'}"
+        return to_async_url(self.database_url)
+
+
+def to_async_url(url: str) -> str:
+    """Map plain `postgresql://` and `sqlite://` URLs to their asyncio drivers."""
+    for plain, async_prefix in (
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(plain):
+            return async_prefix + url[len(plain):]
+    return url
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment and the TOML file, raising a readable error on bad values."""
+    try:
+        return Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from exc
+
+
+class ConfigError(ValueError):
+    """A setting is missing or out of range."""
+
+
+def format_validation_error(exc: pydantic.ValidationError) -> str:
+    """Turn a pydantic error into lines of `SANDBOX_BACKUP_KEY: problem`."""
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "settings"
+        env_name = ENV_PREFIX + key.upper()
+        lines.append(f"{env_name} ({key}): {error['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

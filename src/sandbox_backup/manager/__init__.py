@@ -1,0 +1,1 @@
+"""The backup manager: periodic jobs, event handlers, dispatch, tracking and cleanup."""

@@ -1,0 +1,31 @@
+"""Runner health probes: a READY runner that stops answering becomes UNRESPONSIVE, and back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sandbox_backup.manager.context import ManagerContext
+from sandbox_backup.store import fleet
+from sandbox_backup.store.models import Runner
+
+logger = logging.getLogger(__name__)
+
+
+async def probe_runners(ctx: ManagerContext) -> int:
+    """Probe every runner once; return how many changed state."""
+    async with ctx.db.transaction() as session:
+        runners = await fleet.list_runners(session)
+    changes = await asyncio.gather(*(_probe(ctx, runner) for runner in runners))
+    return sum(1 for changed in changes if changed)
+
+
+async def _probe(ctx: ManagerContext, runner: Runner) -> bool:
+    async with ctx.runner_calls:
+        answered = await ctx.runner_client(runner).health()
+    async with ctx.db.transaction() as session:
+        new_state = await fleet.record_probe(session, runner, answered=answered, now=ctx.now(), unresponsive_after=ctx.settings.runner_unresponsive_after)
+    if new_state is not None:
+        level = logging.INFO if answered else logging.WARNING
+        logger.log(level, "runner state changed after a health probe", extra={"action": "runner_state_changed", "runner_id": runner.id, "to_state": new_state.value})
+    return new_state is not None

@@ -1,0 +1,69 @@
+"""A periodic job: runs its body every interval, or at once when woken, on one replica at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from sandbox_backup.coordination import keys
+from sandbox_backup.coordination.base import Coordinator, LockNotAcquired
+
+logger = logging.getLogger(__name__)
+
+
+class PeriodicJob:
+    """Run `body` every `interval_s`, or sooner when `wake` is set.
+
+    A replica runs the body only while it holds the job's lock, so each periodic job runs on one
+    replica at a time; a replica that finds the lock taken skips that tick.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        body: Callable[[], Awaitable[int]],
+        *,
+        interval_s: float,
+        coordinator: Coordinator,
+        wake: asyncio.Event | None = None,
+        lock_ttl_s: float | None = None,
+    ) -> None:
+        self.name = name
+        self.body = body
+        self.interval_s = interval_s
+        self.coordinator = coordinator
+        self.wake = wake or asyncio.Event()
+        self.lock_ttl_s = lock_ttl_s or max(30.0, interval_s * 3)
+
+    async def run_forever(self) -> None:
+        logger.info("periodic job started", extra={"action": "job_started", "job": self.name, "interval_s": self.interval_s})
+        while True:
+            await self.run_once()
+            await self._sleep()
+
+    async def run_once(self) -> int | None:
+        """Run the body once if this replica gets the lock; return what it handled, or None."""
+        started = time.monotonic()
+        try:
+            async with self.coordinator.hold(keys.job_lock_name(self.name), ttl_s=self.lock_ttl_s, renew=True):
+                handled = await self.body()
+        except LockNotAcquired:
+            return None
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("periodic job failed; it runs again at its next tick", extra={"action": "job_failed", "job": self.name})
+            return None
+
+        if handled:
+            elapsed_ms = (time.monotonic() - started) * 1000
+            logger.debug("periodic job ran", extra={"action": "job_ran", "job": self.name, "handled": handled, "duration_ms": round(elapsed_ms, 1)})
+        return handled
+
+    async def _sleep(self) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout=self.interval_s)
+        self.wake.clear()

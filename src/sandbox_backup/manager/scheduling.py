@@ -1,0 +1,87 @@
+"""Due checks: queue a PENDING attempt for every sandbox whose backup is due."""
+
+from __future__ import annotations
+
+import logging
+
+from sandbox_backup import errors
+from sandbox_backup.coordination import keys
+from sandbox_backup.domain import schedule
+from sandbox_backup.domain.states import BackupTrigger
+from sandbox_backup.manager.context import ManagerContext
+from sandbox_backup.store import backups, fleet, sandboxes
+from sandbox_backup.store.models import Backup, Registry, Runner, Sandbox
+
+logger = logging.getLogger(__name__)
+
+SANDBOX_LOCK_TTL_S = 30.0
+
+
+async def check_running_due(ctx: ManagerContext) -> int:
+    """Queue backups of running sandboxes whose newest completed backup is older than the interval."""
+    now = ctx.now()
+    async with ctx.db.transaction() as session:
+        candidates = await sandboxes.running_due_candidates(session, now=now, interval=ctx.backup_interval, limit=ctx.settings.due_check_batch)
+    return await _queue_due(ctx, candidates)
+
+
+async def check_stopped_due(ctx: ManagerContext) -> int:
+    """Queue backups of stopped and archiving sandboxes not backed up since they stopped."""
+    async with ctx.db.transaction() as session:
+        candidates = await sandboxes.stopped_due_candidates(session, limit=ctx.settings.due_check_batch)
+    return await _queue_due(ctx, candidates)
+
+
+async def _queue_due(ctx: ManagerContext, candidates: list[tuple[Sandbox, Runner]]) -> int:
+    queued = 0
+    for sandbox, runner in candidates:
+        trigger = schedule.backup_due(sandboxes.due_view(sandbox, runner), now=ctx.now(), interval=ctx.backup_interval)
+        if trigger is None:
+            continue
+        if await queue_backup(ctx, sandbox.id, trigger, wait_for_lock=False) is not None:
+            queued += 1
+    if queued:
+        ctx.wake_dispatch.set()
+    return queued
+
+
+async def queue_backup(ctx: ManagerContext, sandbox_id: str, trigger: BackupTrigger, *, wait_for_lock: bool) -> Backup | None:
+    """Queue one attempt for `sandbox_id` under the sandbox's lock; None if one is in flight or the lock is busy."""
+    lock = ctx.coordinator.lock(keys.sandbox_lock_name(sandbox_id), ttl_s=SANDBOX_LOCK_TTL_S)
+    if not await lock.acquire(blocking=wait_for_lock, timeout_s=SANDBOX_LOCK_TTL_S if wait_for_lock else None):
+        if wait_for_lock:
+            raise errors.Conflict(f"sandbox {sandbox_id!r} is being changed by another request; try again")
+        return None
+    try:
+        return await _queue_locked(ctx, sandbox_id, trigger)
+    finally:
+        await lock.release()
+
+
+async def _queue_locked(ctx: ManagerContext, sandbox_id: str, trigger: BackupTrigger) -> Backup | None:
+    now = ctx.now()
+    async with ctx.db.transaction() as session:
+        sandbox = await sandboxes.get_sandbox(session, sandbox_id)
+        if sandbox is None:
+            return None
+        registry = await _registry_for(session, sandbox)
+        if registry is None:
+            logger.error(
+                "no registry is configured for this sandbox's backups; register a default registry",
+                extra={"action": "no_registry", "sandbox_id": sandbox.id, "organization_id": sandbox.organization_id, "region": sandbox.region},
+            )
+            return None
+        backup = await backups.create_attempt(session, sandbox, registry=registry, trigger=trigger, now=now)
+
+    if backup is not None:
+        logger.info(
+            "backup queued",
+            extra={"action": "backup_queued", "sandbox_id": sandbox_id, "backup_id": backup.id, "runner_id": sandbox.runner_id, "trigger": trigger.value, "image_ref": backup.image_ref},
+        )
+    return backup
+
+
+async def _registry_for(session, sandbox: Sandbox) -> Registry | None:  # type: ignore[no-untyped-def]
+    if sandbox.backup_registry_id:
+        return await fleet.get_registry(session, sandbox.backup_registry_id)
+    return await fleet.choose_backup_registry(session, organization_id=sandbox.organization_id, region=sandbox.region)

@@ -1,0 +1,118 @@
+"""Tracking: runner reports, progress sync of IN_PROGRESS attempts, and reconciliation.
+
+A runner reports completion or failure as it happens; polling each IN_PROGRESS attempt on its
+runner is the fallback that also covers lost reports, runner restarts and attempts that outlive
+their deadline. Either path ends an attempt only for the exact image reference it awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hmac
+import logging
+
+from sandbox_backup import errors
+from sandbox_backup.manager import attempts
+from sandbox_backup.manager.context import ManagerContext
+from sandbox_backup.runner.models import BackupReport, RunnerBackupState, SandboxInfo
+from sandbox_backup.store import backups, fleet
+from sandbox_backup.store.models import Backup, Runner
+
+logger = logging.getLogger(__name__)
+
+
+class ReportRejected(errors.SandboxBackupError):
+    """A report came with an unknown runner id or a token that is not that runner's."""
+
+
+async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report: BackupReport) -> bool:
+    """Apply a runner's report; return False when it does not match the attempt the sandbox awaits."""
+    async with ctx.db.transaction() as session:
+        runner = await fleet.get_runner(session, runner_id)
+        if runner is None or not hmac.compare_digest(runner.token.encode(), token.encode()):
+            raise ReportRejected(f"report for runner {runner_id!r} rejected: unknown runner or wrong token")
+        backup = await backups.find_awaited(session, sandbox_id=report.sandbox_id, runner_id=runner_id, image_ref=report.snapshot)
+
+    if backup is None:
+        logger.info(
+            "report ignored: no open attempt awaits this image reference on this runner",
+            extra={"action": "report_ignored", "runner_id": runner_id, "sandbox_id": report.sandbox_id, "image_ref": report.snapshot, "state": report.state.value},
+        )
+        return False
+
+    if report.state == RunnerBackupState.COMPLETED:
+        return await attempts.complete_attempt(ctx, backup, digest=report.digest, size_bytes=report.size_bytes)
+    if report.state == RunnerBackupState.FAILED:
+        reason = f"runner {runner_id} reported: {report.error or 'backup failed'}"
+        await attempts.fail_attempt(ctx, backup, reason=reason, transient=report.recoverable)
+        return True
+    return False
+
+
+async def sync_progress(ctx: ManagerContext) -> int:
+    """Check IN_PROGRESS attempts on their runners; return how many ended."""
+    async with ctx.db.transaction() as session:
+        batch = await backups.in_progress_batch(session, limit=ctx.settings.progress_batch)
+    results = await asyncio.gather(*(_check(ctx, backup, runner) for backup, runner in batch))
+    return sum(1 for ended in results if ended)
+
+
+async def _check(ctx: ManagerContext, backup: Backup, runner: Runner | None) -> bool:
+    now = ctx.now()
+    started = backup.started_at or backup.created_at
+    age = now - started
+    if runner is None:
+        await attempts.fail_attempt(ctx, backup, reason=f"runner {backup.runner_id!r} is no longer registered", transient=True)
+        return True
+    if age > datetime.timedelta(seconds=ctx.settings.attempt_deadline_s):
+        reason = f"backup timed out: still in progress on runner {runner.id} after {ctx.settings.attempt_deadline_s:.0f} s"
+        await attempts.fail_attempt(ctx, backup, reason=reason, transient=True)
+        return True
+
+    info = await _ask_runner(ctx, backup, runner)
+    if info is _UNKNOWN:
+        await _touch(ctx, backup)
+        return False
+    return await _apply_info(ctx, backup, runner, info, age=age)
+
+
+_UNKNOWN = object()
+
+
+async def _ask_runner(ctx: ManagerContext, backup: Backup, runner: Runner) -> SandboxInfo | None | object:
+    log_extra = {"sandbox_id": backup.sandbox_id, "backup_id": backup.id, "runner_id": runner.id}
+    try:
+        async with ctx.runner_calls:
+            return await ctx.runner_client(runner).get_sandbox(backup.sandbox_id)
+    except errors.RunnerUnavailable as exc:
+        logger.warning("runner did not answer the progress check; will ask again", extra={"action": "progress_unreachable", "error": str(exc), **log_extra})
+    except errors.RunnerError as exc:
+        logger.error("runner gave an unusable answer to the progress check; will ask again", extra={"action": "progress_bad_answer", "error": str(exc), **log_extra})
+    return _UNKNOWN
+
+
+async def _apply_info(ctx: ManagerContext, backup: Backup, runner: Runner, info: SandboxInfo | None, *, age: datetime.timedelta) -> bool:
+    knows_attempt = info is not None and info.backup_snapshot == backup.image_ref and info.backup_state != RunnerBackupState.NONE
+    if not knows_attempt:
+        if age < datetime.timedelta(seconds=ctx.settings.unknown_attempt_grace_s):
+            await _touch(ctx, backup)
+            return False
+        reason = f"runner {runner.id} no longer knows this attempt (it may have restarted or started a newer backup)"
+        await attempts.fail_attempt(ctx, backup, reason=reason, transient=True)
+        return True
+
+    assert info is not None
+    if info.backup_state == RunnerBackupState.COMPLETED:
+        return await attempts.complete_attempt(ctx, backup, digest=info.backup_digest, size_bytes=info.backup_size_bytes)
+    if info.backup_state == RunnerBackupState.FAILED:
+        await attempts.fail_attempt(ctx, backup, reason=f"runner {runner.id} reported: {info.backup_error or 'backup failed'}", transient=info.recoverable)
+        return True
+
+    await _touch(ctx, backup)
+    return False
+
+
+async def _touch(ctx: ManagerContext, backup: Backup) -> None:
+    async with ctx.db.transaction() as session:
+        await backups.touch_checked(session, backup.id, now=ctx.now())

@@ -1,0 +1,95 @@
+"""FastAPI app of the runner agent (`sandbox-backup runner serve`) and its uvicorn server."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import fastapi
+import uvicorn
+
+import sandbox_backup
+from sandbox_backup.runner import agent_routes, routes
+from sandbox_backup.runner.backup import BackupJobs
+from sandbox_backup.runner.context import RunnerContext
+from sandbox_backup.runner.engine import DockerEngine
+from sandbox_backup.runner.http_errors import install_error_handlers
+from sandbox_backup.runner.reporter import Reporter
+from sandbox_backup.runner.settings import RunnerSettings
+from sandbox_backup.runner.state import BackupStateStore
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: RunnerSettings, *, engine: DockerEngine | None = None) -> fastapi.FastAPI:
+    """Build the agent app. The state store, reporter and engine open when the app starts.
+
+    An `engine` passed in stays open after the app stops; one the app creates from
+    `settings.docker_host` is closed with it.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: fastapi.FastAPI) -> AsyncIterator[None]:
+        owned_engine = engine is None
+        active_engine = engine or DockerEngine(
+            settings.docker_host,
+            container_label=settings.container_label,
+            transfer_timeout_s=settings.backup_timeout_s,
+        )
+        store = BackupStateStore(settings.state_path)
+        reporter = _make_reporter(settings)
+        jobs = BackupJobs(
+            active_engine,
+            store,
+            reporter,
+            pause_on_commit=settings.pause_on_commit,
+            timeout_s=settings.backup_timeout_s,
+        )
+        app.state.runner = RunnerContext(settings=settings, engine=active_engine, store=store, jobs=jobs)
+        jobs.recover_interrupted()
+        logger.info(
+            "runner agent %s started on engine %s",
+            settings.runner_id,
+            settings.docker_host,
+            extra={"action": "agent_start", "runner_id": settings.runner_id},
+        )
+        try:
+            yield
+        finally:
+            await jobs.aclose()
+            if reporter is not None:
+                await reporter.aclose()
+            store.close()
+            if owned_engine:
+                active_engine.close()
+            logger.info("runner agent %s stopped", settings.runner_id, extra={"action": "agent_stop"})
+
+    app = fastapi.FastAPI(
+        title="sandbox-backup runner agent",
+        version=sandbox_backup.__version__,
+        description="Backup-related part of the Daytona runner API, served for one container engine.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(routes.router)
+    app.include_router(agent_routes.router)
+    return app
+
+
+def serve(settings: RunnerSettings) -> None:
+    """Run the agent with uvicorn on `settings.host:settings.port` until it is stopped."""
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    uvicorn.Server(config).run()
+
+
+def _make_reporter(settings: RunnerSettings) -> Reporter | None:
+    if not settings.manager_url:
+        return None
+    return Reporter(
+        settings.manager_url,
+        settings.runner_id,
+        settings.token,
+        retries=settings.report_retries,
+        backoff_s=settings.report_backoff_s,
+    )

@@ -1,0 +1,51 @@
+"""Settings of the runner agent, read from SANDBOX_BACKUP_RUNNER_* environment variables."""
+
+from __future__ import annotations
+
+import pathlib
+import socket
+
+import pydantic
+import pydantic_settings
+
+
+class RunnerSettings(pydantic_settings.BaseSettings):
+    """Configuration of one runner agent (`sandbox-backup runner serve`)."""
+
+    model_config = pydantic_settings.SettingsConfigDict(env_prefix="SANDBOX_BACKUP_RUNNER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = pydantic.Field(default=8300, ge=1, le=65535)
+    token: pydantic.SecretStr = pydantic.Field(
+        description="Bearer token that every API request must carry; the agent also sends it with its reports."
+    )
+    runner_id: str = pydantic.Field(
+        default_factory=socket.gethostname,
+        description="Id of this runner in the manager; used in the report URL.",
+    )
+    docker_host: str = pydantic.Field(
+        default="unix:///var/run/docker.sock",
+        description="Docker Engine API endpoint (Docker or Podman's Docker-compatible service).",
+    )
+    state_path: pathlib.Path = pydantic.Field(
+        default=pathlib.Path("runner-state.sqlite3"),
+        description="SQLite file that keeps the backup state of each sandbox across restarts.",
+    )
+    pause_on_commit: bool = pydantic.Field(
+        default=True, description="Pause the container while it is committed, so the image is consistent."
+    )
+    backup_timeout_s: float = pydantic.Field(
+        default=3600.0, gt=0, description="Maximum time in seconds for one backup attempt (commit and push)."
+    )
+    manager_url: str | None = pydantic.Field(
+        default=None, description="Base URL of the manager that receives backup reports; no reports when unset."
+    )
+    report_retries: int = pydantic.Field(
+        default=5, ge=0, description="Number of retries of a failed report before the agent gives up on it."
+    )
+    report_backoff_s: float = pydantic.Field(
+        default=1.0, ge=0, description="Delay in seconds before the first report retry; doubles on each retry."
+    )
+    container_label: str = pydantic.Field(
+        default="sandbox-backup.managed", description="Label set to 'true' on every container the agent creates."
+    )

@@ -1,0 +1,1 @@
+"""The manager's database: models, migrations and guarded repositories."""

@@ -1,0 +1,345 @@
+"""The life of a backup attempt in the database: create, claim, accept, complete, fail.
+
+Every write is guarded. The backup row is guarded by its state and version; the backup columns of
+the sandbox row are guarded by `current_backup_id`, so only the attempt the sandbox awaits can move
+them. A partial unique index keeps at most one PENDING or IN_PROGRESS attempt per sandbox.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import uuid
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from sandbox_backup.domain import reference
+from sandbox_backup.domain.retry import RetryDecision
+from sandbox_backup.domain.schedule import IN_FLIGHT, STATE_PRIORITY
+from sandbox_backup.domain.states import SCHEDULABLE_RUNNER_STATES, BackupState, BackupTrigger, SandboxBackupState, SandboxState
+from sandbox_backup.store import guards
+from sandbox_backup.store.models import Backup, Registry, Runner, Sandbox
+
+OPEN_STATES = (BackupState.PENDING, BackupState.IN_PROGRESS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchCandidate:
+    backup_id: str
+    backup_version: int
+    sandbox_id: str
+    runner_id: str
+    cap: int
+
+
+async def get_backup(session: AsyncSession, backup_id: str) -> Backup | None:
+    return await session.get(Backup, backup_id)
+
+
+async def list_for_sandbox(session: AsyncSession, sandbox_id: str, *, limit: int = 1000) -> list[Backup]:
+    statement = sa.select(Backup).where(Backup.sandbox_id == sandbox_id).order_by(Backup.created_at.desc(), Backup.attempt.desc()).limit(limit)
+    result = await session.execute(statement)
+    return list(result.scalars())
+
+
+async def create_attempt(
+    session: AsyncSession,
+    sandbox: Sandbox,
+    *,
+    registry: Registry,
+    trigger: BackupTrigger,
+    now: datetime.datetime,
+    attempt: int = 1,
+    next_attempt_at: datetime.datetime | None = None,
+) -> Backup | None:
+    """Queue a PENDING attempt for `sandbox`; None when another attempt is in flight or the row moved.
+
+    The registry is pinned to the sandbox at its first attempt, so its whole history stays in one
+    registry. Raises InvalidReference when the sandbox id cannot form an image reference.
+    """
+    image_ref = reference.build_backup_reference(registry.url, registry.project, sandbox.id, now)
+    backup = Backup(
+        id=str(uuid.uuid4()),
+        sandbox_id=sandbox.id,
+        registry_id=registry.id,
+        image_ref=image_ref,
+        trigger=trigger,
+        state=BackupState.PENDING,
+        attempt=attempt,
+        next_attempt_at=next_attempt_at or now,
+        created_at=now,
+        updated_at=now,
+        version=1,
+    )
+
+    savepoint = await session.begin_nested()
+    try:
+        session.add(backup)
+        await session.flush()
+    except sa_exc.IntegrityError:
+        await savepoint.rollback()
+        return None
+
+    claimed = await guards.guarded_update(
+        session,
+        Sandbox,
+        sandbox.id,
+        expected={"version": sandbox.version, "backup_state": [s for s in SandboxBackupState if s not in IN_FLIGHT]},
+        values={
+            "backup_state": SandboxBackupState.PENDING,
+            "current_backup_id": backup.id,
+            "backup_registry_id": registry.id,
+            "updated_at": now,
+        },
+        action="create_attempt",
+    )
+    if not claimed:
+        await savepoint.rollback()
+        return None
+    await savepoint.commit()
+    return backup
+
+
+async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, default_cap: int, limit: int) -> list[DispatchCandidate]:
+    """PENDING attempts that fit under their runner's cap, fair across runners.
+
+    Within a runner the order is archiving, stopped, started, then oldest completed backup first.
+    Across runners, every runner's first candidate comes before any runner's second, so one busy
+    runner cannot starve the rest when `limit` cuts the list.
+    """
+    in_flight = (
+        sa.select(Backup.runner_id, sa.func.count().label("n"))
+        .where(Backup.state == BackupState.IN_PROGRESS)
+        .group_by(Backup.runner_id)
+        .subquery()
+    )
+    cap = sa.func.coalesce(Runner.max_concurrent_backups, default_cap)
+    priority = sa.case(
+        *[(Sandbox.state == state, rank) for state, rank in STATE_PRIORITY.items()], else_=len(STATE_PRIORITY)
+    )
+    rank = sa.func.row_number().over(
+        partition_by=Sandbox.runner_id,
+        order_by=[priority, Sandbox.last_backup_at.asc().nulls_first(), Backup.created_at, Backup.id],
+    )
+    ranked = (
+        sa.select(
+            Backup.id.label("backup_id"),
+            Backup.version.label("backup_version"),
+            Sandbox.id.label("sandbox_id"),
+            Sandbox.runner_id.label("runner_id"),
+            cap.label("cap"),
+            (cap - sa.func.coalesce(in_flight.c.n, 0)).label("free"),
+            priority.label("priority"),
+            rank.label("rank"),
+        )
+        .join(Sandbox, Sandbox.id == Backup.sandbox_id)
+        .join(Runner, Runner.id == Sandbox.runner_id)
+        .outerjoin(in_flight, in_flight.c.runner_id == Runner.id)
+        .where(
+            Backup.state == BackupState.PENDING,
+            Backup.next_attempt_at <= now,
+            Runner.state.in_(list(SCHEDULABLE_RUNNER_STATES)),
+            Sandbox.state.in_(list(STATE_PRIORITY)),
+            sa.or_(Sandbox.desired_state.is_(None), Sandbox.desired_state != SandboxState.DESTROYED),
+        )
+        .subquery()
+    )
+    statement = (
+        sa.select(ranked.c.backup_id, ranked.c.backup_version, ranked.c.sandbox_id, ranked.c.runner_id, ranked.c.cap)
+        .where(ranked.c.rank <= ranked.c.free)
+        .order_by(ranked.c.rank, ranked.c.priority, ranked.c.runner_id)
+        .limit(limit)
+    )
+    result = await session.execute(statement)
+    return [DispatchCandidate(*row) for row in result.all()]
+
+
+async def claim(session: AsyncSession, candidate: DispatchCandidate, *, now: datetime.datetime) -> bool:
+    """Move a PENDING attempt to IN_PROGRESS on its runner, only while the runner is under its cap.
+
+    This write is the dispatch fence: of several managers that picked the same attempt, exactly
+    one claim succeeds, and only the winner calls the runner. On PostgreSQL the runner row is locked
+    first, so concurrent claims for one runner count each other's attempts.
+    """
+    if session.bind.dialect.name == "postgresql":
+        await session.execute(sa.select(Runner.id).where(Runner.id == candidate.runner_id).with_for_update())
+
+    running = sa.select(sa.func.count()).select_from(Backup).where(
+        Backup.runner_id == candidate.runner_id, Backup.state == BackupState.IN_PROGRESS
+    )
+    running_count = (await session.execute(running)).scalar_one()
+    if running_count >= candidate.cap:
+        return False
+
+    claimed = await guards.guarded_update(
+        session,
+        Backup,
+        candidate.backup_id,
+        expected={"state": BackupState.PENDING, "version": candidate.backup_version},
+        values={"state": BackupState.IN_PROGRESS, "runner_id": candidate.runner_id, "started_at": now, "checked_at": now, "updated_at": now},
+        action="claim",
+    )
+    if claimed:
+        await _mirror_on_sandbox(session, candidate.sandbox_id, candidate.backup_id, SandboxBackupState.IN_PROGRESS, now=now)
+    return claimed
+
+
+async def mark_accepted(session: AsyncSession, backup_id: str, *, now: datetime.datetime) -> bool:
+    """Record that the runner accepted the attempt; a no-op once the attempt has ended."""
+    statement = (
+        sa.update(Backup)
+        .where(Backup.id == backup_id, Backup.state == BackupState.IN_PROGRESS, Backup.accepted_at.is_(None))
+        .values(accepted_at=now, updated_at=now)
+    )
+    result = await session.execute(statement, execution_options={"synchronize_session": False})
+    return result.rowcount == 1
+
+
+async def touch_checked(session: AsyncSession, backup_id: str, *, now: datetime.datetime) -> None:
+    statement = sa.update(Backup).where(Backup.id == backup_id, Backup.state == BackupState.IN_PROGRESS).values(checked_at=now)
+    await session.execute(statement, execution_options={"synchronize_session": False})
+
+
+async def in_progress_batch(session: AsyncSession, *, limit: int) -> list[tuple[Backup, Runner | None]]:
+    """IN_PROGRESS attempts, least recently checked first."""
+    statement = (
+        sa.select(Backup, Runner)
+        .outerjoin(Runner, Runner.id == Backup.runner_id)
+        .where(Backup.state == BackupState.IN_PROGRESS)
+        .order_by(Backup.checked_at.asc().nulls_first(), Backup.id)
+        .limit(limit)
+    )
+    result = await session.execute(statement)
+    return [(row[0], row[1]) for row in result.all()]
+
+
+async def find_awaited(session: AsyncSession, *, sandbox_id: str, runner_id: str, image_ref: str) -> Backup | None:
+    """The open attempt of `sandbox_id` on `runner_id` that awaits exactly `image_ref`, if any."""
+    statement = sa.select(Backup).where(
+        Backup.sandbox_id == sandbox_id,
+        Backup.runner_id == runner_id,
+        Backup.image_ref == image_ref,
+        Backup.state.in_(OPEN_STATES),
+    )
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def complete(
+    session: AsyncSession, backup: Backup, *, digest: str | None, size_bytes: int | None, now: datetime.datetime
+) -> bool:
+    """Mark an open attempt COMPLETED with its manifest digest; False when it is no longer open."""
+    done = await guards.guarded_update(
+        session,
+        Backup,
+        backup.id,
+        expected={"state": OPEN_STATES, "version": backup.version, "image_ref": backup.image_ref},
+        values={"state": BackupState.COMPLETED, "manifest_digest": digest, "size_bytes": size_bytes, "completed_at": now, "updated_at": now, "error_reason": None},
+        action="complete",
+    )
+    if not done:
+        return False
+
+    await guards.guarded_update(
+        session,
+        Sandbox,
+        backup.sandbox_id,
+        expected={"current_backup_id": backup.id},
+        values={
+            "backup_state": SandboxBackupState.COMPLETED,
+            "last_backup_at": now,
+            "last_backup_started_at": backup.started_at or now,
+            "last_attempt_ended_at": now,
+            "error_reason": None,
+            "updated_at": now,
+        },
+        action="complete_on_sandbox",
+    )
+    return True
+
+
+async def fail(
+    session: AsyncSession,
+    backup: Backup,
+    *,
+    reason: str,
+    transient: bool,
+    decision: RetryDecision,
+    now: datetime.datetime,
+) -> tuple[bool, Backup | None]:
+    """End an open attempt in ERROR and, when `decision` says so, queue the next attempt.
+
+    Returns whether the attempt was failed here and the new PENDING attempt, if any.
+    """
+    failed = await guards.guarded_update(
+        session,
+        Backup,
+        backup.id,
+        expected={"state": OPEN_STATES, "version": backup.version},
+        values={"state": BackupState.ERROR, "error_reason": reason, "error_transient": transient, "completed_at": now, "updated_at": now},
+        action="fail",
+    )
+    if not failed:
+        return False, None
+
+    sandbox = await session.get(Sandbox, backup.sandbox_id, populate_existing=True)
+    registry = await session.get(Registry, backup.registry_id)
+    if decision.retry and sandbox is not None and registry is not None and sandbox.current_backup_id == backup.id:
+        retry = await _queue_retry(session, sandbox, backup, registry, decision=decision, now=now)
+        if retry is not None:
+            return True, retry
+
+    await guards.guarded_update(
+        session,
+        Sandbox,
+        backup.sandbox_id,
+        expected={"current_backup_id": backup.id},
+        values={"backup_state": SandboxBackupState.ERROR, "last_attempt_ended_at": now, "error_reason": reason, "updated_at": now},
+        action="fail_on_sandbox",
+    )
+    return True, None
+
+
+async def _queue_retry(
+    session: AsyncSession, sandbox: Sandbox, failed: Backup, registry: Registry, *, decision: RetryDecision, now: datetime.datetime
+) -> Backup | None:
+    # The sandbox row still shows the failed attempt as current; release it so create_attempt's
+    # guard (no attempt in flight) holds, then queue the next attempt with a fresh reference.
+    released = await guards.guarded_update(
+        session,
+        Sandbox,
+        sandbox.id,
+        expected={"current_backup_id": failed.id, "version": sandbox.version},
+        values={"backup_state": SandboxBackupState.ERROR, "last_attempt_ended_at": now, "error_reason": failed.error_reason, "updated_at": now},
+        action="release_for_retry",
+    )
+    if not released:
+        return None
+    sandbox = await session.get(Sandbox, sandbox.id, populate_existing=True)
+    assert sandbox is not None
+    return await create_attempt(
+        session, sandbox, registry=registry, trigger=failed.trigger, now=now, attempt=failed.attempt + 1, next_attempt_at=decision.next_attempt_at
+    )
+
+
+async def _mirror_on_sandbox(session: AsyncSession, sandbox_id: str, backup_id: str, state: SandboxBackupState, *, now: datetime.datetime) -> None:
+    await guards.guarded_update(
+        session, Sandbox, sandbox_id, expected={"current_backup_id": backup_id}, values={"backup_state": state, "updated_at": now}, action="mirror_state"
+    )
+
+
+async def cancel_pending(session: AsyncSession, sandbox_id: str, *, reason: str, now: datetime.datetime) -> int:
+    """End every PENDING attempt of a sandbox in ERROR without retry (the sandbox is going away)."""
+    statement = (
+        sa.update(Backup)
+        .where(Backup.sandbox_id == sandbox_id, Backup.state == BackupState.PENDING)
+        .values(state=BackupState.ERROR, error_reason=reason, error_transient=False, completed_at=now, updated_at=now, version=Backup.version + 1)
+    )
+    result = await session.execute(statement, execution_options={"synchronize_session": False})
+    return result.rowcount
+
+
+async def open_attempt_count(session: AsyncSession, sandbox_id: str) -> int:
+    statement = sa.select(sa.func.count()).select_from(Backup).where(Backup.sandbox_id == sandbox_id, Backup.state.in_(OPEN_STATES))
+    return (await session.execute(statement)).scalar_one()

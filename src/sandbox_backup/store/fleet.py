@@ -1,0 +1,135 @@
+"""Queries on runners and registries."""
+
+from __future__ import annotations
+
+import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from sandbox_backup.domain.states import RunnerState
+from sandbox_backup.store import guards
+from sandbox_backup.store.models import Registry, Runner
+
+
+async def upsert_runner(
+    session: AsyncSession,
+    *,
+    runner_id: str,
+    api_url: str,
+    token: str,
+    now: datetime.datetime,
+    state: RunnerState = RunnerState.READY,
+    region: str | None = None,
+    capacity: int = 100,
+    max_concurrent_backups: int | None = None,
+) -> Runner:
+    """Register a runner, or replace the settings of a registered one."""
+    runner = await session.get(Runner, runner_id, with_for_update=session.bind.dialect.name == "postgresql")
+    if runner is None:
+        runner = Runner(id=runner_id, created_at=now, version=1, failed_probes=0)
+        session.add(runner)
+    else:
+        runner.version += 1
+    runner.api_url = api_url
+    runner.token = token
+    runner.state = state
+    runner.region = region
+    runner.capacity = capacity
+    runner.max_concurrent_backups = max_concurrent_backups
+    runner.updated_at = now
+    await session.flush()
+    return runner
+
+
+async def get_runner(session: AsyncSession, runner_id: str) -> Runner | None:
+    return await session.get(Runner, runner_id)
+
+
+async def list_runners(session: AsyncSession) -> list[Runner]:
+    result = await session.execute(sa.select(Runner).order_by(Runner.id))
+    return list(result.scalars())
+
+
+async def record_probe(session: AsyncSession, runner: Runner, *, answered: bool, now: datetime.datetime, unresponsive_after: int) -> RunnerState | None:
+    """Record one health probe; return the new state when the probe changed it.
+
+    Only READY and UNRESPONSIVE move here: NOT_READY and DRAINING are the operator's to set.
+    """
+    if answered:
+        values: dict[str, object] = {"failed_probes": 0, "last_seen_at": now}
+        new_state = RunnerState.READY if runner.state == RunnerState.UNRESPONSIVE else None
+    else:
+        failed = runner.failed_probes + 1
+        values = {"failed_probes": failed}
+        new_state = RunnerState.UNRESPONSIVE if runner.state == RunnerState.READY and failed >= unresponsive_after else None
+    if new_state is not None:
+        values["state"] = new_state
+        values["updated_at"] = now
+
+    changed = await guards.guarded_update(
+        session, Runner, runner.id, expected={"version": runner.version, "state": runner.state}, values=values, action="record_probe"
+    )
+    return new_state if changed else None
+
+
+async def upsert_registry(
+    session: AsyncSession,
+    *,
+    registry_id: str,
+    url: str,
+    now: datetime.datetime,
+    project: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    region: str | None = None,
+    organization_id: str | None = None,
+    is_default: bool = False,
+) -> Registry:
+    """Register a registry, or replace the settings of a registered one."""
+    registry = await session.get(Registry, registry_id)
+    if registry is None:
+        registry = Registry(id=registry_id, created_at=now)
+        session.add(registry)
+    registry.url = url
+    registry.project = project
+    registry.username = username
+    registry.password = password
+    registry.region = region
+    registry.organization_id = organization_id
+    registry.is_default = is_default
+    registry.updated_at = now
+    await session.flush()
+    return registry
+
+
+async def get_registry(session: AsyncSession, registry_id: str) -> Registry | None:
+    return await session.get(Registry, registry_id)
+
+
+async def list_registries(session: AsyncSession) -> list[Registry]:
+    result = await session.execute(sa.select(Registry).order_by(Registry.id))
+    return list(result.scalars())
+
+
+async def choose_backup_registry(session: AsyncSession, *, organization_id: str | None, region: str | None) -> Registry | None:
+    """Pick where a sandbox's first backup goes.
+
+    Order: a registry of the sandbox's organization in its region, then one of its organization
+    with no region, then the region's default, then a default with no region. Registries of other
+    organizations are never chosen, so their credentials never travel with this sandbox.
+    """
+    shared = Registry.organization_id.is_(None)
+    own = Registry.organization_id == organization_id
+    preferences = [
+        sa.and_(own, Registry.region == region),
+        sa.and_(own, Registry.region.is_(None)),
+        sa.and_(shared, Registry.is_default.is_(True), Registry.region == region),
+        sa.and_(shared, Registry.is_default.is_(True), Registry.region.is_(None)),
+    ]
+    for condition in preferences:
+        result = await session.execute(sa.select(Registry).where(condition).order_by(Registry.id).limit(1))
+        registry = result.scalar_one_or_none()
+        if registry is not None:
+            return registry
+    return None

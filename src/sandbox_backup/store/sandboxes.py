@@ -1,0 +1,142 @@
+"""Queries on sandboxes: upserts from the platform, state changes and the due-check scans."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from sandbox_backup.domain.schedule import IN_FLIGHT, DueView
+from sandbox_backup.domain.states import SCHEDULABLE_RUNNER_STATES, SandboxState
+from sandbox_backup.store import guards
+from sandbox_backup.store.models import Runner, Sandbox
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxFields:
+    """What a platform tells the manager about one sandbox."""
+
+    state: SandboxState
+    runner_id: str | None = None
+    organization_id: str | None = None
+    region: str | None = None
+    desired_state: SandboxState | None = None
+    ephemeral: bool = False
+
+
+async def get_sandbox(session: AsyncSession, sandbox_id: str) -> Sandbox | None:
+    return await session.get(Sandbox, sandbox_id)
+
+
+async def list_sandboxes(session: AsyncSession, *, limit: int = 1000, offset: int = 0) -> list[Sandbox]:
+    result = await session.execute(sa.select(Sandbox).order_by(Sandbox.id).limit(limit).offset(offset))
+    return list(result.scalars())
+
+
+async def insert_sandbox(session: AsyncSession, sandbox_id: str, fields: SandboxFields, *, now: datetime.datetime) -> Sandbox:
+    sandbox = Sandbox(
+        id=sandbox_id,
+        organization_id=fields.organization_id,
+        runner_id=fields.runner_id,
+        region=fields.region,
+        state=fields.state,
+        desired_state=fields.desired_state,
+        ephemeral=fields.ephemeral,
+        state_changed_at=now,
+        created_at=now,
+        updated_at=now,
+        version=1,
+    )
+    session.add(sandbox)
+    await session.flush()
+    return sandbox
+
+
+async def update_sandbox(session: AsyncSession, sandbox: Sandbox, fields: SandboxFields, *, now: datetime.datetime) -> bool:
+    """Apply the platform's view to a known sandbox, guarded by the version read before."""
+    values: dict[str, object] = {
+        "organization_id": fields.organization_id,
+        "runner_id": fields.runner_id,
+        "region": fields.region,
+        "desired_state": fields.desired_state,
+        "ephemeral": fields.ephemeral,
+        "state": fields.state,
+        "updated_at": now,
+    }
+    if fields.state != sandbox.state:
+        values["state_changed_at"] = now
+    return await guards.guarded_update(
+        session, Sandbox, sandbox.id, expected={"version": sandbox.version}, values=values, action="update_sandbox"
+    )
+
+
+async def set_state(session: AsyncSession, sandbox: Sandbox, state: SandboxState, *, now: datetime.datetime, desired_state: SandboxState | None = None) -> bool:
+    """Move a sandbox to `state` if nobody changed it since it was read."""
+    values: dict[str, object] = {"state": state, "updated_at": now}
+    if state != sandbox.state:
+        values["state_changed_at"] = now
+    if desired_state is not None:
+        values["desired_state"] = desired_state
+    return await guards.guarded_update(
+        session, Sandbox, sandbox.id, expected={"version": sandbox.version, "state": sandbox.state}, values=values, action=f"set_state:{state.value}"
+    )
+
+
+def due_view(sandbox: Sandbox, runner: Runner | None) -> DueView:
+    return DueView(
+        state=sandbox.state,
+        backup_state=sandbox.backup_state,
+        runner_state=runner.state if runner else None,
+        organization_id=sandbox.organization_id,
+        ephemeral=sandbox.ephemeral,
+        desired_state=sandbox.desired_state,
+        state_changed_at=sandbox.state_changed_at,
+        last_backup_at=sandbox.last_backup_at,
+        last_backup_started_at=sandbox.last_backup_started_at,
+        last_attempt_ended_at=sandbox.last_attempt_ended_at,
+    )
+
+
+def _backup_candidates() -> sa.Select[tuple[Sandbox, Runner]]:
+    """Sandboxes that may be backed up at all: on an answering runner, owned, kept, idle."""
+    return (
+        sa.select(Sandbox, Runner)
+        .join(Runner, Runner.id == Sandbox.runner_id)
+        .where(
+            Runner.state.in_(list(SCHEDULABLE_RUNNER_STATES)),
+            Sandbox.organization_id.is_not(None),
+            Sandbox.ephemeral.is_(False),
+            sa.or_(Sandbox.desired_state.is_(None), Sandbox.desired_state != SandboxState.DESTROYED),
+            Sandbox.backup_state.not_in(list(IN_FLIGHT)),
+        )
+    )
+
+
+async def running_due_candidates(session: AsyncSession, *, now: datetime.datetime, interval: datetime.timedelta, limit: int) -> list[tuple[Sandbox, Runner]]:
+    """Running sandboxes whose newest completed backup is older than `interval`, oldest first."""
+    cutoff = now - interval
+    statement = (
+        _backup_candidates()
+        .where(Sandbox.state == SandboxState.STARTED, sa.or_(Sandbox.last_backup_at.is_(None), Sandbox.last_backup_at <= cutoff))
+        .order_by(Sandbox.last_backup_at.asc().nulls_first(), Sandbox.id)
+        .limit(limit)
+    )
+    result = await session.execute(statement)
+    return [(row[0], row[1]) for row in result.all()]
+
+
+async def stopped_due_candidates(session: AsyncSession, *, limit: int) -> list[tuple[Sandbox, Runner]]:
+    """Stopped and archiving sandboxes with no backup dispatched since they entered that state."""
+    statement = (
+        _backup_candidates()
+        .where(
+            Sandbox.state.in_([SandboxState.STOPPED, SandboxState.ARCHIVING]),
+            sa.or_(Sandbox.last_backup_started_at.is_(None), Sandbox.last_backup_started_at < Sandbox.state_changed_at),
+        )
+        .order_by(Sandbox.state_changed_at, Sandbox.id)
+        .limit(limit)
+    )
+    result = await session.execute(statement)
+    return [(row[0], row[1]) for row in result.all()]
