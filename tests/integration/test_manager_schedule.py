@@ -203,7 +203,7 @@ async def test_dispatch_respects_runner_cap_and_is_fair(manager: BackupManager) 
 
 async def test_dispatch_orders_archiving_then_stopped_then_started(manager: BackupManager) -> None:
     await add_registry(manager)
-    await add_runner(manager, "r1", max_concurrent_backups=1)
+    await add_runner(manager, "r1")
     await add_sandbox(manager, "running", runner_id="r1")
     await add_sandbox(manager, "stopped", runner_id="r1", state=SandboxState.STOPPED)
     await add_sandbox(manager, "archiving", runner_id="r1", state=SandboxState.ARCHIVING)

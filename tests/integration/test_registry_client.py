@@ -125,6 +125,25 @@ async def test_token_endpoint_5xx_raises_unavailable(
     assert registry_token_server.realm in str(caught.value)
 
 
+async def test_token_endpoint_timeout_raises_unavailable() -> None:
+    # Fake registry: the real one takes its token realm from its config file, and the realm here
+    # must be a socket that never responds.
+    with silent_server() as token_url:
+        challenge = f'Bearer realm="{token_url}/token",service="fake",scope="repository:some/repository:pull"'
+
+        def respond(request: RecordedRequest) -> FakeResponse:
+            return json_response(401, b'{"errors": []}', {"WWW-Authenticate": challenge})
+
+        with fake_registry(respond) as fake:
+            async with RegistryClient(fake.url, username="backup", password="secret", timeout_s=0.2) as client:
+                with pytest.raises(errors.RegistryUnavailable) as caught:
+                    await client.head_manifest("some/repository", "v1")
+
+    assert isinstance(caught.value.__cause__, httpx.TimeoutException)
+    assert f"{token_url}/token" in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
 async def test_token_cached_per_scope(
     token_registry_server: RegistryServer,
     registry_token_server: TokenServer,

@@ -95,6 +95,8 @@ def _print_backups(rows: list[dict[str, Any]], output: str) -> None:
         console.print_json(json.dumps(rows))
         return
     table = Table("id", "reference", "digest", "size", "state", "attempt", "created")
+    for column in table.columns:
+        column.overflow = "fold"
     for row in rows:
         size = row.get("sizeBytes")
         table.add_row(
