@@ -77,9 +77,17 @@ def test_compute_digest_sha256_and_sha512() -> None:
     [
         (mediatypes.OCI_MANIFEST, {"layers": []}, "'config' is not a descriptor with a digest"),
         (mediatypes.OCI_MANIFEST, {"config": {"digest": "sha256:a"}}, "'layers' is not a list"),
-        (mediatypes.DOCKER_MANIFEST, {"config": {"digest": "sha256:a"}, "layers": [{}]}, "layers[0] is not a descriptor with a digest"),
+        (
+            mediatypes.DOCKER_MANIFEST,
+            {"config": {"digest": "sha256:a"}, "layers": [{}]},
+            "layers[0] is not a descriptor with a digest",
+        ),
         (mediatypes.OCI_INDEX, {"manifests": "x"}, "'manifests' is not a list"),
-        (mediatypes.DOCKER_MANIFEST_LIST, {"manifests": [{"digest": 1}]}, "manifests[0] is not a descriptor with a digest"),
+        (
+            mediatypes.DOCKER_MANIFEST_LIST,
+            {"manifests": [{"digest": 1}]},
+            "manifests[0] is not a descriptor with a digest",
+        ),
     ],
 )
 def test_structure_problem_is_named(media_type: str, content: dict, problem: str) -> None:

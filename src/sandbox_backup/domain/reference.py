@@ -19,6 +19,7 @@ REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
 DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 MAX_REPOSITORY_LENGTH = 255
+MAX_SANDBOX_ID_LENGTH = 128
 DEFAULT_PROJECT = "sandbox-backup"
 REPOSITORY_PREFIX = "backup-"
 
@@ -43,10 +44,10 @@ class ImageReference:
 
 def validate_sandbox_id(sandbox_id: str) -> str:
     """Return `sandbox_id` if it can be a repository path component, else raise InvalidReference."""
-    if not re.fullmatch(_COMPONENT, sandbox_id or ""):
+    if not re.fullmatch(_COMPONENT, sandbox_id or "", flags=re.ASCII) or len(sandbox_id) > MAX_SANDBOX_ID_LENGTH:
         raise errors.InvalidReference(
-            f"sandbox id {sandbox_id!r} cannot form an image reference: use lowercase letters, "
-            "digits and single '.', '_' or '-' separators, starting and ending with a letter or digit"
+            f"sandbox id {sandbox_id!r} cannot form an image reference: use at most {MAX_SANDBOX_ID_LENGTH} "
+            "lowercase letters, digits and '.', '_' or '-' separators, starting and ending with a letter or digit"
         )
     return sandbox_id
 
@@ -63,7 +64,7 @@ def backup_repository(project: str | None, sandbox_id: str) -> str:
     """Return the repository that holds every backup of one sandbox: `{project}/backup-{id}`."""
     project = (project or DEFAULT_PROJECT).strip("/")
     repository = f"{project}/{REPOSITORY_PREFIX}{validate_sandbox_id(sandbox_id)}"
-    if not REPOSITORY_RE.match(repository) or len(repository) > MAX_REPOSITORY_LENGTH:
+    if not REPOSITORY_RE.fullmatch(repository) or len(repository) > MAX_REPOSITORY_LENGTH:
         raise errors.InvalidReference(
             f"repository {repository!r} is not a valid OCI repository name; check the registry project"
         )
@@ -89,10 +90,10 @@ def parse_reference(reference: str) -> ImageReference:
     repository, tag = rest, None
     if ":" in rest.rsplit("/", 1)[-1]:
         repository, _, tag = rest.rpartition(":")
-    if not REPOSITORY_RE.match(repository):
+    if not REPOSITORY_RE.fullmatch(repository):
         raise errors.InvalidReference(f"image reference {reference!r} has an invalid repository {repository!r}")
-    if tag is not None and not TAG_RE.match(tag):
+    if tag is not None and not TAG_RE.fullmatch(tag):
         raise errors.InvalidReference(f"image reference {reference!r} has an invalid tag {tag!r}")
-    if digest and not DIGEST_RE.match(digest):
+    if digest and not DIGEST_RE.fullmatch(digest):
         raise errors.InvalidReference(f"image reference {reference!r} has an invalid digest {digest!r}")
     return ImageReference(host, repository, tag=tag, digest=digest or None)

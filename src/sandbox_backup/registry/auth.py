@@ -54,8 +54,8 @@ _TokenKey = tuple[str, str, str]
 def parse_challenges(header_values: list[str]) -> list[Challenge]:
     """Parse `WWW-Authenticate` header values into challenges, in order.
 
-    Parsing of one value stops at the first part that does not fit RFC 7235 auth-params
-    (token68 credentials, for example); the challenges before it are kept.
+    Parsing of one value stops at the first part that is not an RFC 7235 auth-param, such as
+    token68 credentials. The challenges before that part are kept.
     """
     challenges: list[Challenge] = []
     for value in header_values:
@@ -92,12 +92,13 @@ def _unquote(text: str) -> str:
 
 
 class RegistryAuth(httpx.Auth):
-    """httpx auth for one registry: answers Basic and Bearer challenges and caches tokens.
+    """httpx auth for one registry that responds to Basic and Bearer challenges and caches tokens.
 
-    Nothing is sent before the registry asks. After a Basic challenge, later requests carry
-    basic credentials at once. After a Bearer challenge, later requests with the same method
-    and repository carry the cached token for the scope that the registry asked for, until the
-    token expires. A rejected cached token is fetched again once.
+    No credentials are sent before the registry first responds 401. After a Basic challenge,
+    later requests carry basic credentials from the start. After a Bearer challenge, later
+    requests with the same method and repository carry the cached token for the challenge's
+    scope until the token expires. When the registry rejects a cached token, a new one is
+    fetched once.
 
     The token endpoint raises RegistryUnavailable for timeouts and 5xx, RegistryAuthError for
     401/403 and RegistryProtocolError for a body without a token.
@@ -151,7 +152,7 @@ class RegistryAuth(httpx.Auth):
         token_key = _token_key(challenge, response)
         token = self._cached_token(token_key)
         if token is None or sent == f"Bearer {token}":
-            token_response = yield self._token_request(challenge, token_key)
+            token_response = yield self._token_request(request, token_key)
             token = self._store_token(token_key, token_response)
 
         if hint_key is not None:
@@ -176,7 +177,7 @@ class RegistryAuth(httpx.Auth):
             return None
         return token.value
 
-    def _token_request(self, challenge: Challenge, token_key: _TokenKey) -> httpx.Request:
+    def _token_request(self, registry_request: httpx.Request, token_key: _TokenKey) -> httpx.Request:
         realm, service, scope = token_key
         params = [("service", service)] if service else []
         params += [("scope", item) for item in scope.split()]
@@ -184,7 +185,13 @@ class RegistryAuth(httpx.Auth):
         headers = {}
         if self._basic_header is not None:
             headers["Authorization"] = self._basic_header
-        return httpx.Request("GET", realm, params=params, headers=headers)
+
+        # A request built here has no timeout unless it copies the registry request's, and
+        # without one a silent token server would hang the caller forever.
+        extensions = {}
+        if "timeout" in registry_request.extensions:
+            extensions["timeout"] = registry_request.extensions["timeout"]
+        return httpx.Request("GET", realm, params=params, headers=headers, extensions=extensions)
 
     def _store_token(self, token_key: _TokenKey, response: httpx.Response) -> str:
         logger.debug(

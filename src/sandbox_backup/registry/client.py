@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # Error codes of the distribution spec that mean "this does not exist".
 UNKNOWN_CODES = frozenset({"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"})
-# Content types that say nothing about the manifest kind, so the body's mediaType decides.
+# Content types that do not identify the manifest type, so the body's mediaType field decides.
 _GENERIC_CONTENT_TYPES = frozenset({"", "application/json", "application/octet-stream", "text/plain"})
 
 
@@ -75,7 +75,7 @@ class RegistryClient:
             await self._http.aclose()
 
     async def ping(self) -> None:
-        """Check that `GET /v2/` returns 200, authenticating if the registry asks."""
+        """Check that `GET /v2/` returns 200, authenticating when the registry responds 401."""
         response = await self._request("GET", "/v2/")
         if response.status_code != 200:
             raise failures.error_for_status(response)
@@ -132,8 +132,8 @@ class RegistryClient:
     async def list_tags(self, repository: str, *, page_size: int = 1000) -> list[str]:
         """Return every tag of the repository, following `Link: rel="next"` pages to the end.
 
-        An unknown repository returns []. A page that fails midway raises; a partial list is
-        never returned.
+        An unknown repository returns []. If any page fails, the method raises and returns no
+        partial list. Tags come in the registry's order: distribution 2.8 sends them unsorted.
         """
         _validate_repository(repository)
         if page_size < 1:
@@ -142,15 +142,17 @@ class RegistryClient:
         url = self._url(f"/v2/{repository}/tags/list").copy_merge_params({"n": str(page_size)})
         tags: list[str] = []
         seen_urls = {str(url)}
+        page_number = 0
 
         while True:
+            page_number += 1
             response = await self._request("GET", url)
-            if _is_not_found(response) and len(seen_urls) == 1:
+            if _is_not_found(response) and page_number == 1:
                 return []
             if _is_not_found(response):
                 raise errors.RegistryUnavailable(
-                    f"{failures.describe(response.request)} returned 404 after {len(tags)} tags were listed: "
-                    "the repository was deleted during the listing; list its tags again",
+                    f"{failures.describe(response.request)} returned 404 for page {page_number} after "
+                    f"{len(tags)} tags: the repository was deleted during the listing; list its tags again",
                     url=str(response.request.url),
                     status_code=404,
                 )
@@ -166,7 +168,8 @@ class RegistryClient:
     async def delete_manifest(self, repository: str, digest: str) -> bool:
         """Delete a manifest by digest; return True if deleted and False if it was already gone.
 
-        The registry keeps the blobs until its garbage collection runs.
+        distribution 2.8 also removes the tags that point at the manifest. It keeps the blobs
+        until its garbage collection runs.
         """
         _validate_repository(repository)
         _validate_digest(digest, purpose="delete a manifest; resolve the tag with head_manifest first")
@@ -240,10 +243,14 @@ def _normalize_base_url(url: str) -> str:
     try:
         parsed = httpx.URL(url.strip())
     except (httpx.InvalidURL, TypeError) as exc:
-        raise errors.InvalidInput(f"registry url {url!r} is invalid: use a scheme and host, like http://127.0.0.1:5000") from exc
+        raise errors.InvalidInput(
+            f"registry url {url!r} is invalid: use a scheme and host, like http://127.0.0.1:5000"
+        ) from exc
 
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise errors.InvalidInput(f"registry url {url!r} needs http:// or https:// and a host, like http://127.0.0.1:5000")
+        raise errors.InvalidInput(
+            f"registry url {url!r} needs http:// or https:// and a host, like http://127.0.0.1:5000"
+        )
     if parsed.userinfo:
         raise errors.InvalidInput("registry url must not contain credentials: pass username and password instead")
     if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
@@ -383,7 +390,7 @@ def _tags_from_page(response: httpx.Response, repository: str) -> list[str]:
     if name is not None and name != repository:
         raise _protocol_error(response, f"the tags of repository {name!r}")
 
-    # distribution returns "tags": null for a repository whose tags were all deleted.
+    # distribution 2.8 returns 200 with "tags": null for a repository whose tags were all deleted.
     tags = body.get("tags")
     if tags is None:
         return []
@@ -392,9 +399,9 @@ def _tags_from_page(response: httpx.Response, repository: str) -> list[str]:
     return tags
 
 
-def _protocol_error(response: httpx.Response, what: str) -> errors.RegistryProtocolError:
+def _protocol_error(response: httpx.Response, description: str) -> errors.RegistryProtocolError:
     return errors.RegistryProtocolError(
-        f"{failures.describe(response.request)} returned {response.status_code} with {what}: "
+        f"{failures.describe(response.request)} returned {response.status_code} with {description}: "
         "the registry does not follow the distribution spec; check its version and any proxy in front of it",
         url=str(response.request.url),
         status_code=response.status_code,

@@ -19,7 +19,11 @@ MAX_DETAIL_CHARS = 300
 
 
 def describe(request: httpx.Request) -> str:
-    """Return `METHOD URL` for messages; the URL never contains credentials."""
+    """Return `METHOD URL` for messages.
+
+    Credentials travel only in headers, which this leaves out, and the client rejects
+    registry URLs and token realms that contain a user or password.
+    """
     return f"{request.method} {request.url}"
 
 

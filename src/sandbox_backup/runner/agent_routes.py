@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import fastapi
 from fastapi.responses import JSONResponse
 
+from sandbox_backup import errors
 from sandbox_backup.runner.auth import require_token
 from sandbox_backup.runner.container_state import sandbox_state
 from sandbox_backup.runner.context import RunnerContext, runner_context
 from sandbox_backup.runner.models import AgentHealth, ManagedSandbox, RunnerBackupState
+
+logger = logging.getLogger(__name__)
 
 router = fastapi.APIRouter(prefix="/agent")
 
@@ -19,9 +23,15 @@ Context = Annotated[RunnerContext, fastapi.Depends(runner_context)]
 
 @router.get("/health", response_model=AgentHealth, responses={503: {"model": AgentHealth}})
 async def health(context: Context) -> JSONResponse:
-    """Tell whether the agent runs and reaches its engine; 503 when the engine does not answer. No auth."""
+    """Report whether the agent reaches its engine: 200 if it does, 503 if not. Needs no token."""
     reachable = await context.engine.ping()
-    version = await context.engine.version() if reachable else None
+    version = None
+    if reachable:
+        try:
+            version = await context.engine.version()
+        except errors.EngineError as exc:
+            reachable = False
+            logger.warning("engine version request failed: %s", exc, extra={"action": "health"})
     body = AgentHealth(
         status="ok" if reachable else "engine unreachable",
         engine_reachable=reachable,

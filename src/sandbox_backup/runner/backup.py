@@ -152,7 +152,10 @@ class BackupJobs:
         attempt.task = asyncio.get_running_loop().create_task(self._run(attempt))
         self._running[sandbox_id] = attempt
         logger.info(
-            "backup of sandbox %s to %s started", sandbox_id, request.snapshot, extra={"action": "backup_start", **attempt.log_extra}
+            "backup of sandbox %s to %s started",
+            sandbox_id,
+            request.snapshot,
+            extra={"action": "backup_start", **attempt.log_extra},
         )
         return start.record
 
@@ -266,7 +269,9 @@ class BackupJobs:
 
         extra = {"action": "backup_finish", "state": outcome.state.value, **attempt.log_extra}
         if not written:
-            logger.info("backup result for %s discarded: a newer attempt replaced it", attempt.request.snapshot, extra=extra)
+            logger.info(
+                "backup result for %s discarded: a newer attempt replaced it", attempt.request.snapshot, extra=extra
+            )
             return None
         logger.info("backup to %s finished: %s", attempt.request.snapshot, outcome.state.value, extra=extra)
         return self._store.get(attempt.sandbox_id)

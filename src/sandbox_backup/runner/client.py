@@ -1,8 +1,8 @@
 """The manager's async HTTP client for one runner agent.
 
-Failures map onto the errors module: no answer, a timeout or a 5xx is RunnerUnavailable
-(transient), a 4xx is RunnerRejected with the runner's message, and a body that does not
-match the API is RunnerProtocolError. A sandbox id outside the OCI grammar raises
+Failures map onto the errors module. A connection error, a timeout or a 5xx response is
+RunnerUnavailable (transient), and a 4xx response is RunnerRejected with the runner's
+message. A body that does not match the API is RunnerProtocolError. A sandbox id outside the OCI grammar raises
 InvalidReference before any request. No message contains the token or a password,
 because the messages quote only URLs, statuses and the runner's own error text.
 """
@@ -95,7 +95,7 @@ class RunnerClient:
         await self._request("POST", f"/sandboxes/{sandbox_id}/start")
 
     async def health(self) -> bool:
-        """Return True when the agent answers and reaches its engine; False otherwise, never raising."""
+        """Return True when the agent responds and reaches its engine, else False. Never raises."""
         try:
             response = await self._http.get(f"{self.base_url}/agent/health", timeout=self._timeout_s)
         except httpx.HTTPError as exc:
@@ -138,7 +138,7 @@ class RunnerClient:
             return None
         if response.status_code >= 500:
             raise errors.RunnerUnavailable(
-                f"{method} {url} answered {response.status_code}: {_error_message(response)}",
+                f"{method} {url} failed with status {response.status_code}: {_error_message(response)}",
                 runner_id=self.runner_id,
                 status_code=response.status_code,
             )
@@ -150,7 +150,7 @@ class RunnerClient:
             )
         if not response.is_success:
             raise errors.RunnerProtocolError(
-                f"{method} {url} answered the unexpected status {response.status_code}",
+                f"{method} {url} returned the unexpected status {response.status_code}",
                 runner_id=self.runner_id,
                 status_code=response.status_code,
             )

@@ -1,8 +1,8 @@
 """Docker Engine API backend of the runner agent (Docker, or Podman's compatible service).
 
-docker-py is blocking, so every call runs in a worker thread of this module's pools:
-short calls (inspect, start, stop) in one pool and long transfers (commit, push, pull) in
-another, so that a few slow pushes cannot delay a status request.
+docker-py is blocking, so every call runs in a worker thread. Short calls (inspect, start,
+stop) and long transfers (commit, push, pull) have separate thread pools, so that a few
+slow pushes cannot delay a status request.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import requests
 
 from sandbox_backup import errors
 from sandbox_backup.domain.reference import parse_reference
-from sandbox_backup.runner.failures import ContainerNotFound, FailureKind, RegistryTransferError
+from sandbox_backup.runner.failures import FailureKind, RegistryTransferError
 from sandbox_backup.runner.push_stream import StreamAbort, decode_stream, read_pull_stream, read_push_stream
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class OperationAborted(errors.SandboxBackupError):
 
 @dataclasses.dataclass(frozen=True)
 class ContainerView:
-    """What the agent needs to know about one container."""
+    """Id, name, status and labels of one container."""
 
     id: str
     name: str
@@ -70,6 +70,7 @@ class ContainerSpec:
     labels: dict[str, str]
     entrypoint: list[str] | None = None
     environment: dict[str, str] | None = None
+    network_mode: str | None = None
 
 
 class DockerEngine:
@@ -82,7 +83,7 @@ class DockerEngine:
 
         # Two clients because docker-py applies one read timeout to every call: a push
         # stays silent until it ends, so it needs the whole backup deadline. Both are made
-        # on first use, because `version="auto"` asks the engine, which may not run yet.
+        # on first use, because `version="auto"` queries the engine, which may not run yet.
         self._clients: dict[str, docker.APIClient] = {}
         self._clients_guard = threading.Lock()
         self._quick_pool = concurrent.futures.ThreadPoolExecutor(QUICK_POOL_SIZE, thread_name_prefix="engine")
@@ -122,7 +123,7 @@ class DockerEngine:
         return str(info.get("Version", ""))
 
     async def ping(self) -> bool:
-        """Return True when the engine answers /_ping, False on any connection failure."""
+        """Return True when the engine responds to /_ping, False on any connection failure."""
         try:
             return bool(await self._run_quick(lambda: self._quick.ping()))
         except (docker.errors.DockerException, requests.RequestException, errors.EngineError):
@@ -297,7 +298,7 @@ class DockerEngine:
             pass
         except docker.errors.APIError as exc:
             logger.warning(
-                "committed image %s kept: the engine refused to remove %s: %s",
+                "committed image %s kept: the engine rejected the removal of %s: %s",
                 image.id,
                 name,
                 exc.explanation or exc,
@@ -306,12 +307,14 @@ class DockerEngine:
 
     def _create_container_blocking(self, spec: ContainerSpec, start: bool) -> str:
         try:
+            host_config = self._quick.create_host_config(network_mode=spec.network_mode) if spec.network_mode else None
             created = self._quick.create_container(
                 image=spec.image,
                 name=spec.name,
                 entrypoint=spec.entrypoint,
                 environment=spec.environment,
                 labels=spec.labels,
+                host_config=host_config,
             )
         except docker.errors.APIError as exc:
             if exc.status_code == 409:
@@ -352,7 +355,7 @@ def _raise_for_engine_status(response: requests.Response, operation: str) -> Non
     if response.status_code == 404:
         raise errors.EngineError(f"{operation} failed: the engine has no such image: {message}")
     raise errors.EngineError(
-        f"{operation} failed: the engine answered {response.status_code}: {message}",
+        f"{operation} failed: the engine returned status {response.status_code}: {message}",
         transient=response.status_code >= 500,
     )
 
@@ -372,7 +375,7 @@ def _translate_errors(docker_host: str, function: Callable[..., T], *args: Any, 
         ) from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise errors.EngineError(
-            f"the engine at {docker_host} did not answer: {exc}; check that the engine runs", transient=True
+            f"the engine at {docker_host} did not respond: {exc}; check that the engine runs", transient=True
         ) from exc
     except docker.errors.DockerException as exc:
         raise errors.EngineError(f"the engine at {docker_host} failed the request: {exc}", transient=True) from exc

@@ -1,9 +1,9 @@
 """Classification of engine and registry failures: what went wrong, and can a retry help.
 
-Podman and Docker report push and pull failures as free text inside the progress stream
-(for example "unauthorized: authentication required" or "manifest unknown"), so the
-classification matches the error codes of the OCI distribution specification and the Go
-network error texts that containers/image and the Docker daemon put in those messages.
+Podman and Docker report push and pull failures as free text inside the progress stream,
+for example "unauthorized: authentication required" or "manifest unknown". The
+classification therefore matches the error codes of the OCI distribution specification
+and the Go network error texts that containers/image and the Docker daemon put in them.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def classify_registry_message(message: str) -> FailureKind:
 
 
 class RegistryTransferError(errors.EngineError):
-    """A push or pull failed; `kind` tells why, and `transient` whether a retry can help."""
+    """A push or pull failed. `kind` is the reason, and `transient` whether a retry can help."""
 
     def __init__(self, message: str, *, kind: FailureKind) -> None:
         super().__init__(message, transient=kind in TRANSIENT_KINDS)

@@ -1,6 +1,6 @@
 """Error bodies of the runner API and the handlers that turn exceptions into them.
 
-Every error answer has the body `{"message", "path", "statusCode", "timestamp", "code",
+Every error response has the body `{"message", "path", "statusCode", "timestamp", "code",
 "method"}` of the Daytona runner API, including 401, 404 for unknown paths and 400 for
 request bodies that do not validate.
 """
@@ -37,7 +37,7 @@ _PULL_FAILURE_STATUS = {
 
 
 class ApiError(Exception):
-    """An error answer with a given HTTP status and machine-readable code."""
+    """An error response with a given HTTP status and machine-readable code."""
 
     def __init__(self, status_code: int, message: str, *, code: str) -> None:
         super().__init__(message)
@@ -59,7 +59,7 @@ def error_response(request: fastapi.Request, status_code: int, message: str, cod
 
 
 def install_error_handlers(app: fastapi.FastAPI) -> None:
-    """Register the handlers that give every error answer the ErrorResponse body."""
+    """Register the handlers that give every error response the ErrorResponse body."""
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(fastapi.exceptions.RequestValidationError, _validation_error)
     app.add_exception_handler(starlette.exceptions.HTTPException, _http_exception)

@@ -27,8 +27,11 @@ async def resolve_manifest_digest(
     still usable by its tag.
     """
     parsed = parse_reference(reference)
+    # RegistryClient takes both credentials or neither.
     username = registry.username or None
-    password = (registry.password.get_secret_value() if registry.password else "") if username else None
+    password = None
+    if username is not None:
+        password = registry.password.get_secret_value() if registry.password else ""
     extra = {"action": "resolve_digest", "reference": reference}
 
     try:

@@ -108,7 +108,7 @@ class CreateSandboxRequest(_CamelModel):
 
 
 class CreateSandboxResponse(_CamelModel):
-    """Body of a 201 answer to `POST /sandboxes`."""
+    """Body of a 201 response to `POST /sandboxes`."""
 
     daemon_version: str
 
@@ -127,7 +127,7 @@ class SandboxInfo(_CamelModel):
 
 
 class ErrorResponse(_CamelModel):
-    """Body of every error answer of the runner API."""
+    """Body of every error response of the runner API."""
 
     message: str
     path: str

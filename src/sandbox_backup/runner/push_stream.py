@@ -1,6 +1,6 @@
 """Reading of the JSON progress stream that the engine returns for a push or a pull.
 
-docker-py does not raise when a push or pull fails: the engine answers 200 and reports
+docker-py does not raise when a push or pull fails: the engine responds with status 200 and reports
 the failure as an `{"error": ..., "errorDetail": {"message": ...}}` item in the stream.
 The pushed manifest digest comes as `{"aux": {"Digest": ...}}` from Docker, and only as
 the status text `TAG: digest: sha256:... size: N` from Podman (checked on Podman 4.3).
@@ -65,7 +65,8 @@ def read_push_stream(items: Iterable[dict[str, Any]], reference: str) -> str | N
     for item in items:
         message = stream_error(item)
         if message is not None:
-            raise RegistryTransferError(f"push of {reference} failed: {message}", kind=classify_registry_message(message))
+            kind = classify_registry_message(message)
+            raise RegistryTransferError(f"push of {reference} failed: {message}", kind=kind)
         digest = stream_digest(item) or digest
     return digest
 
@@ -75,7 +76,8 @@ def read_pull_stream(items: Iterable[dict[str, Any]], reference: str) -> None:
     for item in items:
         message = stream_error(item)
         if message is not None:
-            raise RegistryTransferError(f"pull of {reference} failed: {message}", kind=classify_registry_message(message))
+            kind = classify_registry_message(message)
+            raise RegistryTransferError(f"pull of {reference} failed: {message}", kind=kind)
 
 
 class StreamAbort:

@@ -10,10 +10,10 @@ import fastapi
 import sandbox_backup
 from sandbox_backup.domain.reference import parse_reference, validate_sandbox_id
 from sandbox_backup.runner.auth import require_token
+from sandbox_backup.runner.container_state import sandbox_state
 from sandbox_backup.runner.context import RunnerContext, runner_context
 from sandbox_backup.runner.engine import SANDBOX_ID_LABEL, ContainerSpec, ContainerView
 from sandbox_backup.runner.failures import ContainerNotFound
-from sandbox_backup.runner.container_state import sandbox_state
 from sandbox_backup.runner.http_errors import ApiError
 from sandbox_backup.runner.models import (
     CreateBackupRequest,
@@ -48,18 +48,20 @@ async def get_sandbox(sandbox_id: SandboxId, context: Context) -> SandboxInfo:
     if container is None and record is None:
         raise ContainerNotFound(f"sandbox {sandbox_id!r} has no container and no backup on this runner")
 
-    info = SandboxInfo(
-        state=sandbox_state(container.status, container.exit_code) if container else RunnerSandboxState.DESTROYED,
-        backup_state=record.state if record else RunnerBackupState.NONE,
-        daemon_version=DAEMON_VERSION if container else None,
+    state = sandbox_state(container.status, container.exit_code) if container else RunnerSandboxState.DESTROYED
+    daemon_version = DAEMON_VERSION if container else None
+    if record is None:
+        return SandboxInfo(state=state, backup_state=RunnerBackupState.NONE, daemon_version=daemon_version)
+    return SandboxInfo(
+        state=state,
+        backup_state=record.state,
+        backup_snapshot=record.snapshot,
+        backup_error=record.error,
+        recoverable=record.recoverable,
+        daemon_version=daemon_version,
+        backup_digest=record.digest,
+        backup_size_bytes=record.size_bytes,
     )
-    if record is not None:
-        info.backup_snapshot = record.snapshot
-        info.backup_error = record.error
-        info.recoverable = record.recoverable
-        info.backup_digest = record.digest
-        info.backup_size_bytes = record.size_bytes
-    return info
 
 
 @router.post("/sandboxes/{sandboxId}/backup", status_code=201, response_model=str)
@@ -86,7 +88,12 @@ async def create_sandbox(body: CreateSandboxRequest, context: Context) -> Create
 
     labels = {context.settings.container_label: "true", SANDBOX_ID_LABEL: body.id}
     spec = ContainerSpec(
-        name=body.id, image=body.snapshot, labels=labels, entrypoint=body.entrypoint, environment=body.env
+        name=body.id,
+        image=body.snapshot,
+        labels=labels,
+        entrypoint=body.entrypoint,
+        environment=body.env,
+        network_mode=context.settings.network_mode,
     )
     await context.engine.create_container(spec, start=not body.skip_start)
     logger.info("sandbox %s created from %s", body.id, body.snapshot, extra=extra)

@@ -46,6 +46,10 @@ class RunnerSettings(pydantic_settings.BaseSettings):
     report_backoff_s: float = pydantic.Field(
         default=1.0, ge=0, description="Delay in seconds before the first report retry; doubles on each retry."
     )
+    network_mode: str | None = pydantic.Field(
+        default=None,
+        description="Network mode of the containers the agent creates, such as 'none'; the engine's default if unset.",
+    )
     container_label: str = pydantic.Field(
         default="sandbox-backup.managed", description="Label set to 'true' on every container the agent creates."
     )

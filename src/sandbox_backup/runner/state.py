@@ -1,6 +1,6 @@
 """The agent's local record of the current backup attempt of each sandbox (stdlib sqlite3).
 
-One row per sandbox holds its latest attempt. Each attempt has its own `attempt_id`, and
+One row per sandbox contains its latest attempt. Each attempt has its own `attempt_id`, and
 an attempt finishes with a compare-and-set update that matches that id, so an attempt
 that a newer request replaced can never write over the newer attempt's row.
 
