@@ -57,6 +57,8 @@ class Runner(Base):
     capacity: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=100)
     max_concurrent_backups: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
     failed_probes: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=0)
+    # When the runner last entered DRAINING; backups dispatched after it count as fresh.
+    drain_started_at: orm.Mapped[datetime.datetime | None] = orm.mapped_column(UTCDateTime)
     last_seen_at: orm.Mapped[datetime.datetime | None] = orm.mapped_column(UTCDateTime)
     created_at: orm.Mapped[datetime.datetime] = orm.mapped_column(UTCDateTime)
     updated_at: orm.Mapped[datetime.datetime] = orm.mapped_column(UTCDateTime)
@@ -100,6 +102,8 @@ class Sandbox(Base):
     last_attempt_ended_at: orm.Mapped[datetime.datetime | None] = orm.mapped_column(UTCDateTime)
     error_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     ephemeral: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, default=False)
+    # Retention policy of this sandbox as JSON (see domain.retention.RetentionPolicy); empty uses the global default.
+    retention_policy: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     created_at: orm.Mapped[datetime.datetime] = orm.mapped_column(UTCDateTime)
     updated_at: orm.Mapped[datetime.datetime] = orm.mapped_column(UTCDateTime)
     version: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=1)
@@ -131,6 +135,12 @@ class Backup(Base):
     checked_at: orm.Mapped[datetime.datetime | None] = orm.mapped_column(UTCDateTime)
     completed_at: orm.Mapped[datetime.datetime | None] = orm.mapped_column(UTCDateTime)
     verified_at: orm.Mapped[datetime.datetime | None] = orm.mapped_column(UTCDateTime)
+    # Set when verification or a restore found the backup unusable (manifest gone, digest
+    # changed, a layer blob missing); restore skips broken backups.
+    broken_at: orm.Mapped[datetime.datetime | None] = orm.mapped_column(UTCDateTime)
+    broken_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    layer_count: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
+    # Set when the backup's manifest deletion is queued (retention or destroy); the row stays as history.
     deleted_at: orm.Mapped[datetime.datetime | None] = orm.mapped_column(UTCDateTime)
     updated_at: orm.Mapped[datetime.datetime] = orm.mapped_column(UTCDateTime)
     version: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=1)
@@ -148,6 +158,33 @@ class Backup(Base):
             postgresql_where=sa.text("state IN ('PENDING', 'IN_PROGRESS')"),
         ),
     )
+
+
+class Restore(Base):
+    """One restore (or drill, or move off a draining runner) of a sandbox from its backups."""
+
+    __tablename__ = "restores"
+
+    id: orm.Mapped[str] = orm.mapped_column(sa.String(36), primary_key=True)
+    sandbox_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("sandboxes.id"), index=True)
+    purpose: orm.Mapped[str] = orm.mapped_column(sa.String(32))
+    state: orm.Mapped[str] = orm.mapped_column(sa.String(32), index=True)
+    # What the caller asked for: one backup only, or one runner only; empty means "choose".
+    requested_backup_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(36))
+    requested_runner_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(128))
+    # What the restore uses now: the candidate being tried and the runner it goes to.
+    backup_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(36))
+    runner_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(128))
+    previous_runner_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(128))
+    # The id the restored container gets: the sandbox id, or a throwaway id for a drill.
+    target_sandbox_id: orm.Mapped[str] = orm.mapped_column(sa.String(128))
+    registry_attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=0)
+    next_attempt_at: orm.Mapped[datetime.datetime] = orm.mapped_column(UTCDateTime)
+    error_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    created_at: orm.Mapped[datetime.datetime] = orm.mapped_column(UTCDateTime)
+    updated_at: orm.Mapped[datetime.datetime] = orm.mapped_column(UTCDateTime)
+    completed_at: orm.Mapped[datetime.datetime | None] = orm.mapped_column(UTCDateTime)
+    version: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=1)
 
 
 class CleanupTask(Base):
