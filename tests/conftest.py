@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.registry",
     "tests.fixtures.podman",
     "tests.fixtures.manager",
+    "tests.fixtures.live",
 ]

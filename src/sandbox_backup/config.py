@@ -59,6 +59,14 @@ class Settings(pydantic_settings.BaseSettings):
     retry_max_delay_s: float = pydantic.Field(3600.0, ge=0, le=7 * 86400, description="Upper bound of the retry delay.")
     retry_jitter: float = pydantic.Field(0.2, ge=0, le=1, description="Fraction of the delay added or removed at random, so retries of many sandboxes spread out.")
 
+    # Restore.
+    restore_batch: int = pydantic.Field(20, ge=1, le=10_000, description="Restores carried out per pass of the restore job.")
+    restore_interval_s: float = pydantic.Field(5.0, ge=0.1, le=3600, description="How often open restores are looked at (requests also wake the job at once).")
+    restore_timeout_s: float = pydantic.Field(1800.0, ge=10, le=86400, description="Timeout of the runner call that pulls and creates a restored sandbox.")
+    restore_max_attempts: int = pydantic.Field(6, ge=1, le=100, description="Tries of a restore while the registry or runner cannot be reached, before it fails.")
+    archive_interval_s: float = pydantic.Field(10.0, ge=1, le=3600, description="How often archiving sandboxes with a fresh backup are finished.")
+    drain_interval_s: float = pydantic.Field(15.0, ge=1, le=3600, description="How often draining runners are worked off.")
+
     # Registry cleanup.
     cleanup_interval_s: float = pydantic.Field(30.0, ge=1, le=86400, description="How often owed registry deletions are worked off.")
     cleanup_batch: int = pydantic.Field(100, ge=1, le=10_000, description="Owed deletions handled per pass.")
@@ -66,6 +74,20 @@ class Settings(pydantic_settings.BaseSettings):
     # Logs.
     log_level: str = pydantic.Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_json: bool = pydantic.Field(False, description="Write one JSON object per log line.")
+
+    # Retention and verification.
+    # The global retention policy; a sandbox's own `retention_policy` JSON overrides it field by field.
+    retention_keep_last: int = pydantic.Field(10, ge=0, le=100_000, description="Newest backups of each sandbox that are kept.")
+    retention_keep_hourly: int = pydantic.Field(48, ge=0, le=100_000, description="Most recent UTC hours with a backup whose newest backup is kept.")
+    retention_keep_daily: int = pydantic.Field(7, ge=0, le=100_000, description="Most recent UTC days with a backup whose newest backup is kept.")
+    retention_keep_weekly: int = pydantic.Field(4, ge=0, le=100_000, description="Most recent ISO weeks with a backup whose newest backup is kept.")
+    retention_keep_monthly: int = pydantic.Field(24, ge=0, le=100_000, description="Most recent UTC months with a backup whose newest backup is kept.")
+    retention_min_verified: int = pydantic.Field(3, ge=0, le=100_000, description="Newest verified, unbroken backups of each sandbox that are never deleted.")
+    retention_interval_s: float = pydantic.Field(3600.0, ge=60, le=7 * 86400, description="How often the retention policy prunes old backups.")
+    retention_batch: int = pydantic.Field(500, ge=1, le=100_000, description="Sandboxes read per page while pruning.")
+    verify_interval_s: float = pydantic.Field(3600.0, ge=10, le=7 * 86400, description="How often backups due for verification are checked in the registry.")
+    verify_batch: int = pydantic.Field(100, ge=1, le=10_000, description="Backups checked in the registry per verification pass.")
+    verify_max_age_s: float = pydantic.Field(86400.0, ge=60, le=365 * 86400, description="A backup is checked again once its last successful verification is older than this.")
 
     @pydantic.field_validator("log_level")
     @classmethod

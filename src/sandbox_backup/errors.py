@@ -73,10 +73,12 @@ class RegistryProtocolError(RegistryError):
 class RunnerError(SandboxBackupError):
     """A call to a runner agent failed."""
 
-    def __init__(self, message: str, *, runner_id: str | None = None, status_code: int | None = None) -> None:
+    def __init__(self, message: str, *, runner_id: str | None = None, status_code: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.runner_id = runner_id
         self.status_code = status_code
+        # The `code` of the runner's error body, e.g. MANIFEST_UNKNOWN or BLOB_UNKNOWN on a failed pull.
+        self.code = code
 
 
 class RunnerUnavailable(RunnerError):

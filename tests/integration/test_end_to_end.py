@@ -7,56 +7,28 @@ travel over HTTP exactly as in production. Periodic job bodies are called by the
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from sandbox_backup import servers
-from sandbox_backup.api.app import create_app
 from sandbox_backup.domain.states import BackupState, SandboxBackupState
 from sandbox_backup.manager.service import BackupManager
 from sandbox_backup.registry import RegistryClient
 from sandbox_backup.store import backups, sandboxes
+from tests.fixtures.live import register_registry, register_runner, register_sandbox
 from tests.fixtures.manager import API_TOKEN
 from tests.fixtures.podman import read_container_file, write_container_file
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-async def manager_url(manager: BackupManager) -> AsyncIterator[str]:
-    server = servers.make_server(create_app(manager), host="127.0.0.1", port=_free_port())
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    await task
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 async def _register(manager: BackupManager, manager_url: str, agent: Any, registry_url: str, registry: Any, sandbox_id: str) -> None:
-    headers = {"Authorization": f"Bearer {API_TOKEN}"}
-    async with httpx.AsyncClient(base_url=manager_url, headers=headers) as client:
-        response = await client.put(f"/api/v1/runners/{agent.settings.runner_id}", json={"apiUrl": agent.url, "token": agent.token})
-        assert response.status_code == 200, response.text
-        response = await client.put(
-            "/api/v1/registries/main",
-            json={"url": registry_url, "username": registry.username, "password": registry.password, "project": "e2e", "isDefault": True},
-        )
-        assert response.status_code == 200, response.text
-        assert "password" not in response.json()
-        response = await client.put(f"/api/v1/sandboxes/{sandbox_id}", json={"state": "STARTED", "runnerId": agent.settings.runner_id, "organizationId": "org"})
-        assert response.status_code == 200, response.text
+    async with httpx.AsyncClient(base_url=manager_url, headers={"Authorization": f"Bearer {API_TOKEN}"}) as client:
+        await register_runner(client, agent)
+        await register_registry(client, registry_url, registry)
+        await register_sandbox(client, sandbox_id, agent.settings.runner_id)
 
 
 async def _history(manager: BackupManager, sandbox_id: str) -> list[backups.Backup]:

@@ -13,12 +13,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from sandbox_backup import errors
-from sandbox_backup.api import schemas
+from sandbox_backup.api import discovery_routes, schemas
 from sandbox_backup.domain import reference
-from sandbox_backup.manager import lifecycle, tracking
+from sandbox_backup.domain.states import RestorePurpose, RunnerState
+from sandbox_backup.manager import drain, lifecycle, restore, tracking
 from sandbox_backup.manager.service import BackupManager
 from sandbox_backup.runner.models import BackupReport
-from sandbox_backup.store import backups, fleet, sandboxes
+from sandbox_backup.store import backups, cleanup, fleet, restores, sandboxes
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,11 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
         async with ctx.db.transaction() as session:
             return [schemas.RegistryOut.model_validate(r) for r in await fleet.list_registries(session)]
 
+    async def sandbox_out(sandbox) -> schemas.SandboxOut:  # type: ignore[no-untyped-def]
+        async with ctx.db.transaction() as session:
+            owed = await cleanup.owed_count(session, sandbox_id=sandbox.id)
+        return schemas.SandboxOut.model_validate(sandbox).model_copy(update={"owed_deletions": owed})
+
     @api.put("/sandboxes/{sandbox_id}", response_model=schemas.SandboxOut, tags=["sandboxes"])
     async def put_sandbox(sandbox_id: str, body: schemas.SandboxIn) -> schemas.SandboxOut:
         fields = sandboxes.SandboxFields(
@@ -115,12 +121,11 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
             desired_state=body.desired_state,
             ephemeral=body.ephemeral,
         )
-        sandbox = await lifecycle.upsert_sandbox(ctx, sandbox_id, fields)
-        return schemas.SandboxOut.model_validate(sandbox)
+        return await sandbox_out(await lifecycle.upsert_sandbox(ctx, sandbox_id, fields))
 
     @api.get("/sandboxes/{sandbox_id}", response_model=schemas.SandboxOut, tags=["sandboxes"])
     async def get_sandbox(sandbox_id: str) -> schemas.SandboxOut:
-        return schemas.SandboxOut.model_validate(await lifecycle.get_sandbox(ctx, sandbox_id))
+        return await sandbox_out(await lifecycle.get_sandbox(ctx, sandbox_id))
 
     @api.get("/sandboxes", response_model=list[schemas.SandboxOut], tags=["sandboxes"])
     async def list_sandboxes(
@@ -136,7 +141,7 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
             await lifecycle.request_backup(ctx, sandbox_id)
         else:
             await lifecycle.handle_event(ctx, sandbox_id, body.type)
-        return schemas.SandboxOut.model_validate(await lifecycle.get_sandbox(ctx, sandbox_id))
+        return await sandbox_out(await lifecycle.get_sandbox(ctx, sandbox_id))
 
     @api.post("/sandboxes/{sandbox_id}/backup", response_model=schemas.BackupOut, status_code=status.HTTP_202_ACCEPTED, tags=["backups"])
     async def post_backup(sandbox_id: str) -> schemas.BackupOut:
@@ -157,6 +162,52 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
             raise errors.NotFound(f"backup {backup_id!r} does not exist")
         return schemas.BackupOut.model_validate(backup)
 
+    @api.post("/sandboxes/{sandbox_id}/restore", response_model=schemas.RestoreOut, status_code=status.HTTP_202_ACCEPTED, tags=["restores"])
+    async def post_restore(sandbox_id: str, body: schemas.RestoreIn | None = None) -> schemas.RestoreOut:
+        body = body or schemas.RestoreIn()
+        started = await restore.request_restore(ctx, sandbox_id, backup_id=body.backup_id, runner_id=body.runner_id)
+        return schemas.RestoreOut.model_validate(started)
+
+    @api.post("/sandboxes/{sandbox_id}/drill", response_model=schemas.RestoreOut, status_code=status.HTTP_202_ACCEPTED, tags=["restores"])
+    async def post_drill(sandbox_id: str, body: schemas.RestoreIn | None = None) -> schemas.RestoreOut:
+        body = body or schemas.RestoreIn()
+        started = await restore.request_restore(ctx, sandbox_id, backup_id=body.backup_id, runner_id=body.runner_id, purpose=RestorePurpose.DRILL)
+        return schemas.RestoreOut.model_validate(started)
+
+    @api.get("/sandboxes/{sandbox_id}/restores", response_model=list[schemas.RestoreOut], tags=["restores"])
+    async def list_restores(sandbox_id: str) -> list[schemas.RestoreOut]:
+        await lifecycle.get_sandbox(ctx, sandbox_id)
+        async with ctx.db.transaction() as session:
+            rows = await restores.list_for_sandbox(session, sandbox_id)
+        return [schemas.RestoreOut.model_validate(r) for r in rows]
+
+    @api.get("/restores/{restore_id}", response_model=schemas.RestoreOut, tags=["restores"])
+    async def get_restore(restore_id: str) -> schemas.RestoreOut:
+        async with ctx.db.transaction() as session:
+            found = await restores.get(session, restore_id)
+        if found is None:
+            raise errors.NotFound(f"restore {restore_id!r} does not exist")
+        return schemas.RestoreOut.model_validate(found)
+
+    @api.post("/runners/{runner_id}/drain", response_model=schemas.DrainOut, tags=["runners"])
+    async def post_drain(runner_id: str) -> schemas.DrainOut:
+        async with ctx.db.transaction() as session:
+            runner = await fleet.get_runner(session, runner_id)
+            if runner is None:
+                raise errors.NotFound(f"runner {runner_id!r} is not registered")
+            if runner.state != RunnerState.DRAINING:
+                await fleet.upsert_runner(
+                    session, runner_id=runner.id, api_url=runner.api_url, token=runner.token, now=ctx.now(), state=RunnerState.DRAINING,
+                    region=runner.region, capacity=runner.capacity, max_concurrent_backups=runner.max_concurrent_backups,
+                )
+        logger.info("runner draining", extra={"action": "runner_draining", "runner_id": runner_id})
+        await drain.work_drains(ctx)
+        return schemas.DrainOut(**vars(await drain.progress(ctx, runner_id)))
+
+    @api.get("/runners/{runner_id}/drain", response_model=schemas.DrainOut, tags=["runners"])
+    async def get_drain(runner_id: str) -> schemas.DrainOut:
+        return schemas.DrainOut(**vars(await drain.progress(ctx, runner_id)))
+
     @reports.post("/runners/{runner_id}/reports", response_model=schemas.ReportOut, status_code=status.HTTP_202_ACCEPTED, tags=["runners"])
     async def post_report(runner_id: str, body: BackupReport, authorization: Annotated[str | None, fastapi.Header()] = None) -> schemas.ReportOut:
         accepted = await tracking.handle_report(ctx, runner_id, _bearer(authorization), body)
@@ -164,6 +215,7 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
 
     app.include_router(api)
     app.include_router(reports)
+    app.include_router(discovery_routes.create_router(manager))
     return app
 
 
@@ -192,5 +244,5 @@ def _install_error_handlers(app: fastapi.FastAPI) -> None:
         for error in exc.errors():
             location = ".".join(str(part) for part in error["loc"] if part != "body")
             problems.append(f"{location}: {error['msg']}")
-        return JSONResponse(body("InvalidInput", "invalid request: " + "; ".join(problems)), status_code=status.HTTP_422_UNPROCESSABLE_ENTITY)
+        return JSONResponse(body("InvalidInput", "invalid request: " + "; ".join(problems)), status_code=422)
 

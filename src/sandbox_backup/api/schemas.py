@@ -76,6 +76,7 @@ class SandboxOut(ApiModel):
     last_backup_at: datetime.datetime | None
     error_reason: str | None
     ephemeral: bool
+    owed_deletions: int = pydantic.Field(0, description="Registry deletions still owed for this sandbox's backups.")
 
 
 class EventIn(ApiModel):
@@ -99,6 +100,41 @@ class BackupOut(ApiModel):
     started_at: datetime.datetime | None
     completed_at: datetime.datetime | None
     verified_at: datetime.datetime | None
+    broken_at: datetime.datetime | None = None
+    broken_reason: str | None = None
+    deleted_at: datetime.datetime | None = None
+
+
+class RestoreIn(ApiModel):
+    backup_id: str | None = pydantic.Field(None, description="Restore this backup only; empty tries the newest verified first.")
+    runner_id: str | None = pydantic.Field(None, description="Restore onto this READY runner; empty chooses one.")
+
+
+class RestoreOut(ApiModel):
+    id: str
+    sandbox_id: str
+    purpose: str
+    state: str
+    requested_backup_id: str | None
+    requested_runner_id: str | None
+    backup_id: str | None
+    runner_id: str | None
+    previous_runner_id: str | None
+    target_sandbox_id: str
+    registry_attempts: int
+    error_reason: str | None
+    created_at: datetime.datetime
+    completed_at: datetime.datetime | None
+
+
+class DrainOut(ApiModel):
+    runner_id: str
+    state: RunnerState
+    drain_started_at: str | None
+    sandboxes: int
+    backed_up: int
+    moving: int
+    remaining: int
 
 
 class ReportOut(ApiModel):

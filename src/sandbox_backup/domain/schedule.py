@@ -69,7 +69,7 @@ def backup_due(view: DueView, *, now: datetime.datetime, interval: datetime.time
         return None
 
     if view.state in (SandboxState.STOPPED, SandboxState.ARCHIVING):
-        covered = view.last_backup_started_at is not None and view.last_backup_started_at >= view.state_changed_at
+        covered = view.last_backup_started_at is not None and view.last_backup_started_at > view.state_changed_at
         if covered:
             return None
         return BackupTrigger.ARCHIVE if view.state == SandboxState.ARCHIVING else BackupTrigger.STOPPED

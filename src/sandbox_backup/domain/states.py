@@ -48,6 +48,7 @@ class BackupTrigger(str, enum.Enum):
     STOPPED = "STOPPED"
     ARCHIVE = "ARCHIVE"
     REQUESTED = "REQUESTED"
+    DRAIN = "DRAIN"
 
 
 # Runner states whose sandboxes are scheduled for backup: the runner answers.
@@ -69,3 +70,22 @@ BACKUP_TRANSITIONS: dict[BackupState, frozenset[BackupState]] = {
 def can_transition(current: BackupState, target: BackupState) -> bool:
     """Tell whether an attempt in `current` may move to `target`."""
     return target in BACKUP_TRANSITIONS[current]
+
+
+class RestoreState(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class RestorePurpose(str, enum.Enum):
+    """RESTORE brings a sandbox up on a runner; MOVE relocates a stopped one off a draining runner;
+    DRILL recreates it under a throwaway id to prove the backup works, then removes it."""
+
+    RESTORE = "RESTORE"
+    MOVE = "MOVE"
+    DRILL = "DRILL"
+
+
+OPEN_RESTORE_STATES = frozenset({RestoreState.PENDING, RestoreState.RUNNING})

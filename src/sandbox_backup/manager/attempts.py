@@ -34,6 +34,7 @@ async def complete_attempt(ctx: ManagerContext, backup: Backup, *, digest: str |
         done = await backups.complete(session, current, digest=digest, size_bytes=size_bytes, now=now)
 
     if done:
+        ctx.wake_archive.set()
         logger.info(
             "backup completed",
             extra={"action": "backup_completed", "sandbox_id": backup.sandbox_id, "backup_id": backup.id, "runner_id": backup.runner_id, "image_ref": backup.image_ref, "digest": digest},

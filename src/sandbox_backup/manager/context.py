@@ -30,6 +30,8 @@ class ManagerContext:
     # Set to run a job at once instead of at its next tick.
     wake_dispatch: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     wake_cleanup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    wake_restore: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    wake_archive: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     runner_calls: asyncio.Semaphore = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ from sandbox_backup import errors
 from sandbox_backup.coordination import keys
 from sandbox_backup.domain import reference, schedule
 from sandbox_backup.domain.states import BACKUP_SOURCE_STATES, SCHEDULABLE_RUNNER_STATES, BackupTrigger, SandboxState
+from sandbox_backup.manager import restore as restore_flow
 from sandbox_backup.manager import scheduling
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.store import backups, cleanup, fleet, sandboxes
@@ -76,6 +77,10 @@ async def handle_event(ctx: ManagerContext, sandbox_id: str, event: LifecycleEve
 
     target = EVENT_STATES[event]
     sandbox = await get_sandbox(ctx, sandbox_id)
+    if event == LifecycleEvent.STARTED and sandbox.state == SandboxState.ARCHIVED:
+        # An archived sandbox has no runner any more: starting it is a restore.
+        await restore_flow.request_restore(ctx, sandbox_id)
+        return await get_sandbox(ctx, sandbox_id)
     if sandbox.state != target:
         desired = SandboxState.DESTROYED if target == SandboxState.DESTROYED else None
         async with ctx.db.transaction() as session:

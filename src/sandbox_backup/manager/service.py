@@ -13,7 +13,7 @@ from sandbox_backup.clock import Clock, SystemClock
 from sandbox_backup.config import Settings
 from sandbox_backup.coordination.base import Coordinator
 from sandbox_backup.coordination.factory import create_coordinator
-from sandbox_backup.manager import cleanup, dispatch, health, scheduling, tracking
+from sandbox_backup.manager import archive, cleanup, dispatch, drain, health, restore, scheduling, tracking
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.manager.periodic import PeriodicJob
 from sandbox_backup.store import database
@@ -35,6 +35,9 @@ class BackupManager:
             PeriodicJob("progress", self.sync_progress, interval_s=settings.progress_interval_s, coordinator=ctx.coordinator),
             PeriodicJob("runner-health", self.probe_runners, interval_s=settings.runner_health_interval_s, coordinator=ctx.coordinator),
             PeriodicJob("cleanup", self.work_cleanup, interval_s=settings.cleanup_interval_s, coordinator=ctx.coordinator, wake=ctx.wake_cleanup),
+            PeriodicJob("restore", self.run_restores, interval_s=settings.restore_interval_s, coordinator=ctx.coordinator, wake=ctx.wake_restore, lock_ttl_s=60.0),
+            PeriodicJob("archive", self.finish_archives, interval_s=settings.archive_interval_s, coordinator=ctx.coordinator, wake=ctx.wake_archive),
+            PeriodicJob("drain", self.work_drains, interval_s=settings.drain_interval_s, coordinator=ctx.coordinator),
         ]
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -56,6 +59,15 @@ class BackupManager:
 
     async def work_cleanup(self) -> int:
         return await cleanup.work_cleanup(self.ctx)
+
+    async def run_restores(self) -> int:
+        return await restore.run_due_restores(self.ctx)
+
+    async def finish_archives(self) -> int:
+        return await archive.finish_archives(self.ctx)
+
+    async def work_drains(self) -> int:
+        return await drain.work_drains(self.ctx)
 
     async def start(self) -> None:
         """Run the due checks once, then start every periodic job."""

@@ -13,6 +13,7 @@ import sandbox_backup
 from sandbox_backup.runner import agent_routes, routes
 from sandbox_backup.runner.backup import BackupJobs
 from sandbox_backup.runner.context import RunnerContext
+from sandbox_backup.runner.discovery import SandboxDiscovery
 from sandbox_backup.runner.engine import DockerEngine
 from sandbox_backup.runner.http_errors import install_error_handlers
 from sandbox_backup.runner.reporter import Reporter
@@ -45,9 +46,13 @@ def create_app(settings: RunnerSettings, *, engine: DockerEngine | None = None) 
             reporter,
             pause_on_commit=settings.pause_on_commit,
             timeout_s=settings.backup_timeout_s,
+            flatten_threshold_layers=settings.flatten_threshold_layers,
         )
         app.state.runner = RunnerContext(settings=settings, engine=active_engine, store=store, jobs=jobs)
         jobs.recover_interrupted()
+        discovery = SandboxDiscovery(settings, active_engine) if settings.manager_url and settings.report_containers else None
+        if discovery is not None:
+            discovery.start()
         logger.info(
             "runner agent %s started on engine %s",
             settings.runner_id,
@@ -57,6 +62,8 @@ def create_app(settings: RunnerSettings, *, engine: DockerEngine | None = None) 
         try:
             yield
         finally:
+            if discovery is not None:
+                await discovery.aclose()
             await jobs.aclose()
             if reporter is not None:
                 await reporter.aclose()

@@ -2,8 +2,10 @@
 
 Each request starts an attempt with its own id. The attempt runs in the background and
 writes its result with a compare-and-set on that id (see runner.state), so an attempt
-that a newer request replaced records nothing and reports nothing. The committed image
-is removed in every case: completed, failed, timed out or replaced.
+that a newer request replaced records nothing and reports nothing. A committed image with
+more layers than the flatten threshold is flattened into one layer before the push (see
+runner.flatten). The committed and flattened images are removed in every case:
+completed, failed, timed out or replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TypeVar
 from sandbox_backup import errors
 from sandbox_backup.runner.engine import CommittedImage, DockerEngine, OperationAborted
 from sandbox_backup.runner.failures import ContainerNotFound
+from sandbox_backup.runner.flatten import remove_stale_temp_files
 from sandbox_backup.runner.manifest_digest import resolve_manifest_digest
 from sandbox_backup.runner.models import BackupReport, CreateBackupRequest, RunnerBackupState
 from sandbox_backup.runner.push_stream import StreamAbort
@@ -46,6 +49,7 @@ class _Outcome:
     state: RunnerBackupState
     digest: str | None = None
     size_bytes: int | None = None
+    layer_count: int | None = None
     error: str | None = None
     recoverable: bool = False
 
@@ -107,13 +111,21 @@ class BackupJobs:
         *,
         pause_on_commit: bool,
         timeout_s: float,
+        flatten_threshold_layers: int,
     ) -> None:
         self._engine = engine
         self._store = store
         self._reporter = reporter
         self._pause_on_commit = pause_on_commit
         self._timeout_s = timeout_s
+        self._flatten_threshold_layers = flatten_threshold_layers
+        # Export files of a flatten go next to the state file, on the agent's own disk.
+        self._temp_dir = store.path.parent
         self._running: dict[str, _Attempt] = {}
+        # Sandbox id -> (attempt id, layer count of the image that attempt pushed).
+        # NOTE: kept in memory only, because the state store has no column for it: after a
+        # restart, GET /sandboxes/{id} shows no layer count until the next completed backup.
+        self._layer_counts: dict[str, tuple[str, int]] = {}
 
     async def request_backup(self, sandbox_id: str, request: CreateBackupRequest) -> BackupRecord:
         """Start a backup of the sandbox's container to `request.snapshot` and return its record.
@@ -159,8 +171,24 @@ class BackupJobs:
         )
         return start.record
 
+    def layer_count(self, record: BackupRecord) -> int | None:
+        """Return the layer count of the image that the record's completed attempt pushed, if known."""
+        if record.state is not RunnerBackupState.COMPLETED:
+            return None
+        attempt_id, count = self._layer_counts.get(record.sandbox_id, ("", 0))
+        return count if attempt_id == record.attempt_id else None
+
     def recover_interrupted(self) -> list[BackupRecord]:
-        """Mark attempts left IN_PROGRESS by an earlier process FAILED and report them."""
+        """Mark attempts left IN_PROGRESS by an earlier process FAILED and report them.
+
+        Also deletes the export files of flattens that the earlier process left behind.
+        """
+        for path in remove_stale_temp_files(self._temp_dir):
+            logger.warning(
+                "deleted %s: a flatten of an earlier agent process left it behind",
+                path,
+                extra={"action": "flatten_cleanup"},
+            )
         records = self._store.fail_interrupted()
         for record in records:
             logger.warning(
@@ -213,12 +241,16 @@ class BackupJobs:
         """Run the attempt's engine steps; return its outcome, or None when it was stopped."""
         extra = {"action": "backup", **attempt.log_extra}
         snapshot = attempt.request.snapshot
-        image: CommittedImage | None = None
+        images: list[CommittedImage] = []
         try:
             image = await attempt.wait(
                 self._engine.commit(attempt.container_id, snapshot, pause=self._pause_on_commit)
             )
+            images.append(image)
             attempt.raise_if_stopped()
+
+            if image.layer_count > self._flatten_threshold_layers:
+                image = await self._flatten(attempt, image, images, extra)
 
             try:
                 digest = await attempt.wait(
@@ -231,7 +263,9 @@ class BackupJobs:
 
             if digest is None:
                 digest = await resolve_manifest_digest(snapshot, attempt.request.registry)
-            return _Outcome(RunnerBackupState.COMPLETED, digest=digest, size_bytes=image.size_bytes)
+            return _Outcome(
+                RunnerBackupState.COMPLETED, digest=digest, size_bytes=image.size_bytes, layer_count=image.layer_count
+            )
 
         except _AttemptStopped as stopped:
             logger.info("backup to %s stopped: %s", snapshot, stopped, extra=extra)
@@ -247,8 +281,49 @@ class BackupJobs:
             logger.exception("backup to %s failed with an unexpected error", snapshot, extra=extra)
             return _Outcome(RunnerBackupState.FAILED, error=f"unexpected error: {exc}", recoverable=True)
         finally:
-            if image is not None:
-                await self._remove_image(image, extra)
+            for leftover in reversed(images):
+                await self._remove_image(leftover, extra)
+
+    async def _flatten(
+        self, attempt: _Attempt, image: CommittedImage, images: list[CommittedImage], extra: dict[str, str]
+    ) -> CommittedImage:
+        """Flatten the committed image, remove it, and return the one-layer image that replaces it."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            flattened = await attempt.wait(
+                self._engine.flatten(
+                    image, sandbox_id=attempt.sandbox_id, temp_dir=self._temp_dir, abort=attempt.abort
+                )
+            )
+        except errors.EngineError:
+            attempt.raise_if_stopped()
+            raise
+        images.append(flattened.image)
+        attempt.raise_if_stopped()
+
+        seconds = loop.time() - started
+        logger.info(
+            "image of sandbox %s flattened from %d layers to %d in %.1f s (%s)",
+            attempt.sandbox_id,
+            image.layer_count,
+            flattened.image.layer_count,
+            seconds,
+            flattened.method.value,
+            extra={
+                **attempt.log_extra,
+                "action": "image_flattened",
+                "layers_before": image.layer_count,
+                "layers_after": flattened.image.layer_count,
+                "seconds": round(seconds, 3),
+                "method": flattened.method.value,
+            },
+        )
+
+        # The deep image is not pushed: remove it now, so its space is free during the push.
+        await self._remove_image(image, extra)
+        images.remove(image)
+        return flattened.image
 
     async def _remove_image(self, image: CommittedImage, extra: dict[str, str]) -> None:
         try:
@@ -273,6 +348,8 @@ class BackupJobs:
                 "backup result for %s discarded: a newer attempt replaced it", attempt.request.snapshot, extra=extra
             )
             return None
+        if outcome.layer_count is not None:
+            self._layer_counts[attempt.sandbox_id] = (attempt.id, outcome.layer_count)
         logger.info("backup to %s finished: %s", attempt.request.snapshot, outcome.state.value, extra=extra)
         return self._store.get(attempt.sandbox_id)
 
@@ -288,6 +365,7 @@ class BackupJobs:
                 size_bytes=record.size_bytes,
                 error=record.error,
                 recoverable=record.recoverable,
+                layer_count=self.layer_count(record),
             )
         )
 

@@ -147,6 +147,7 @@ class RunnerClient:
                 f"{method} {url} was rejected with {response.status_code}: {_error_message(response)}",
                 runner_id=self.runner_id,
                 status_code=response.status_code,
+                code=_error_code(response),
             )
         if not response.is_success:
             raise errors.RunnerProtocolError(
@@ -170,6 +171,13 @@ class RunnerClient:
                 runner_id=self.runner_id,
                 status_code=response.status_code,
             ) from exc
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        return ErrorResponse.model_validate(response.json()).code
+    except (ValueError, pydantic.ValidationError):
+        return None
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import pathlib
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import requests
 from sandbox_backup import errors
 from sandbox_backup.domain.reference import parse_reference
 from sandbox_backup.runner.failures import FailureKind, RegistryTransferError
+from sandbox_backup.runner.flatten import FlattenMethod, ImageFlattener, count_layers, remove_image_quietly
 from sandbox_backup.runner.push_stream import StreamAbort, decode_stream, read_pull_stream, read_push_stream
 
 logger = logging.getLogger(__name__)
@@ -54,11 +56,20 @@ class ContainerView:
 
 @dataclasses.dataclass(frozen=True)
 class CommittedImage:
-    """Image made by a commit. `size_bytes` is the uncompressed size that the engine reports."""
+    """Image made by a commit or a flatten. `size_bytes` is the uncompressed size that the engine reports."""
 
     id: str
     reference: str
     size_bytes: int | None
+    layer_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FlattenedImage:
+    """One-layer copy of a committed image, tagged with the committed image's reference."""
+
+    image: CommittedImage
+    method: FlattenMethod
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +151,16 @@ class DockerEngine:
     async def commit(self, container_id: str, reference: str, *, pause: bool) -> CommittedImage:
         """Commit a container into an image tagged `reference` (host/repository:tag)."""
         return await self._run_transfer(self._commit_blocking, container_id, reference, pause)
+
+    async def flatten(
+        self, image: CommittedImage, *, sandbox_id: str, temp_dir: pathlib.Path, abort: StreamAbort
+    ) -> FlattenedImage:
+        """Make a one-layer copy of a committed image and move the image's tag to it.
+
+        The committed image itself stays, untagged, for the caller to remove. `temp_dir`
+        receives a temporary export when the engine cannot squash (see runner.flatten).
+        """
+        return await self._run_transfer(self._flatten_blocking, image, sandbox_id, temp_dir, abort)
 
     async def push(self, reference: str, auth_config: dict[str, str] | None, abort: StreamAbort) -> str | None:
         """Push `reference` and return the manifest digest, or None if the engine did not send one.
@@ -230,9 +251,33 @@ class DockerEngine:
                     kind=FailureKind.CONTAINER_NOT_FOUND,
                 ) from exc
 
-        image_id = str(result["Id"])
-        size = self._transfer.inspect_image(image_id).get("Size")
-        return CommittedImage(id=image_id, reference=reference, size_bytes=int(size) if size is not None else None)
+        return self._committed_image(str(result["Id"]), reference)
+
+    def _flatten_blocking(
+        self, image: CommittedImage, sandbox_id: str, temp_dir: pathlib.Path, abort: StreamAbort
+    ) -> FlattenedImage:
+        flattener = ImageFlattener(self._transfer, temp_dir, timeout_s=self._transfer_timeout_s)
+        image_id, method = flattener.flatten(image.id, abort, sandbox_id=sandbox_id)
+
+        parsed = parse_reference(image.reference)
+        try:
+            with self._repository_lock(image.reference):
+                self._transfer.tag(image_id, f"{parsed.host}/{parsed.repository}", parsed.tag, force=True)
+            flattened = self._committed_image(image_id, image.reference)
+        except BaseException:
+            remove_image_quietly(self._transfer, image_id, {"action": "flatten_image", "sandbox_id": sandbox_id})
+            raise
+        return FlattenedImage(image=flattened, method=method)
+
+    def _committed_image(self, image_id: str, reference: str) -> CommittedImage:
+        attrs = self._transfer.inspect_image(image_id)
+        size = attrs.get("Size")
+        return CommittedImage(
+            id=image_id,
+            reference=reference,
+            size_bytes=int(size) if size is not None else None,
+            layer_count=count_layers(attrs),
+        )
 
     def _push_blocking(self, reference: str, auth_config: dict[str, str] | None, abort: StreamAbort) -> str | None:
         # docker-py's push() hides the HTTP response, and only the response lets another

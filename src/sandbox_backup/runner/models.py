@@ -2,7 +2,7 @@
 
 Field names follow the Daytona runner API (Swagger 2.0, v0): Python attributes are
 snake_case and the JSON names are their camelCase aliases. `backupDigest`,
-`backupSizeBytes` and the report body are sandbox-backup's own additions.
+`backupSizeBytes`, `backupLayerCount` and the report body are sandbox-backup's own additions.
 """
 
 from __future__ import annotations
@@ -124,6 +124,8 @@ class SandboxInfo(_CamelModel):
     daemon_version: str | None = None
     backup_digest: str | None = None
     backup_size_bytes: int | None = None
+    # Number of layers of the pushed image; absent when no push completed since the agent started.
+    backup_layer_count: int | None = None
 
 
 class ErrorResponse(_CamelModel):
@@ -147,6 +149,8 @@ class BackupReport(_CamelModel):
     size_bytes: int | None = None
     error: str | None = None
     recoverable: bool = False
+    # Number of layers of the pushed image, set for a COMPLETED backup.
+    layer_count: int | None = None
 
 
 class ManagedSandbox(_CamelModel):

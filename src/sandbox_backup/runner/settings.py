@@ -37,6 +37,16 @@ class RunnerSettings(pydantic_settings.BaseSettings):
     backup_timeout_s: float = pydantic.Field(
         default=3600.0, gt=0, description="Maximum time in seconds for one backup attempt (commit and push)."
     )
+    flatten_threshold_layers: int = pydantic.Field(
+        default=100,
+        ge=2,
+        le=125,
+        description=(
+            "Maximum number of layers of a pushed backup image: a committed image with more layers is"
+            " flattened into one layer before the push, which keeps restored sandboxes below the"
+            " overlay driver's layer limit."
+        ),
+    )
     manager_url: str | None = pydantic.Field(
         default=None, description="Base URL of the manager that receives backup reports; no reports when unset."
     )
@@ -52,4 +62,28 @@ class RunnerSettings(pydantic_settings.BaseSettings):
     )
     container_label: str = pydantic.Field(
         default="sandbox-backup.managed", description="Label set to 'true' on every container the agent creates."
+    )
+    report_containers: bool = pydantic.Field(
+        default=True,
+        description=(
+            "Send the manager the containers that carry container_label and their state changes, so it "
+            "learns sandboxes without a platform; needs manager_url."
+        ),
+    )
+    default_organization_id: str | None = pydantic.Field(
+        default="default",
+        description=(
+            "Organization of a reported container without a sandbox-backup.organization-id label; "
+            "unset or empty reports none, which makes a new sandbox a warm-pool sandbox that is never backed up."
+        ),
+    )
+    inventory_interval_s: float = pydantic.Field(
+        default=300.0,
+        gt=0,
+        description="Seconds between two full container inventories sent to the manager, besides the one after each connect.",
+    )
+    event_reconnect_backoff_s: float = pydantic.Field(
+        default=1.0,
+        gt=0,
+        description="Delay in seconds before reconnecting to the engine's event stream; doubles on each failure up to 30 s.",
     )

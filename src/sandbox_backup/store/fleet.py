@@ -7,9 +7,12 @@ import datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from sandbox_backup.domain.states import RunnerState
+from sandbox_backup.domain.states import RunnerState, SandboxState
 from sandbox_backup.store import guards
-from sandbox_backup.store.models import Registry, Runner
+from sandbox_backup.store.models import Registry, Runner, Sandbox
+
+# States in which a sandbox occupies a slot of its runner's capacity.
+OCCUPYING_STATES = (SandboxState.STARTED, SandboxState.STOPPED, SandboxState.ARCHIVING, SandboxState.RESTORING)
 
 
 async def upsert_runner(
@@ -31,6 +34,8 @@ async def upsert_runner(
         session.add(runner)
     else:
         runner.version += 1
+    if state == RunnerState.DRAINING and runner.state != RunnerState.DRAINING:
+        runner.drain_started_at = now
     runner.api_url = api_url
     runner.token = token
     runner.state = state
@@ -133,3 +138,25 @@ async def choose_backup_registry(session: AsyncSession, *, organization_id: str 
         if registry is not None:
             return registry
     return None
+
+
+async def choose_restore_runner(session: AsyncSession, *, region: str | None, exclude: set[str]) -> Runner | None:
+    """The least loaded READY runner (in `region` when set) with a free slot, outside `exclude`."""
+    load = (
+        sa.select(Sandbox.runner_id, sa.func.count().label("n"))
+        .where(Sandbox.state.in_(OCCUPYING_STATES))
+        .group_by(Sandbox.runner_id)
+        .subquery()
+    )
+    used = sa.func.coalesce(load.c.n, 0)
+    statement = (
+        sa.select(Runner)
+        .outerjoin(load, load.c.runner_id == Runner.id)
+        .where(Runner.state == RunnerState.READY, used < Runner.capacity)
+        .order_by(used, Runner.id)
+    )
+    if region is not None:
+        statement = statement.where(Runner.region == region)
+    if exclude:
+        statement = statement.where(Runner.id.not_in(list(exclude)))
+    return (await session.execute(statement.limit(1))).scalar_one_or_none()

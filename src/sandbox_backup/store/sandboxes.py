@@ -133,10 +133,67 @@ async def stopped_due_candidates(session: AsyncSession, *, limit: int) -> list[t
         _backup_candidates()
         .where(
             Sandbox.state.in_([SandboxState.STOPPED, SandboxState.ARCHIVING]),
-            sa.or_(Sandbox.last_backup_started_at.is_(None), Sandbox.last_backup_started_at < Sandbox.state_changed_at),
+            sa.or_(Sandbox.last_backup_started_at.is_(None), Sandbox.last_backup_started_at <= Sandbox.state_changed_at),
         )
         .order_by(Sandbox.state_changed_at, Sandbox.id)
         .limit(limit)
     )
     result = await session.execute(statement)
     return [(row[0], row[1]) for row in result.all()]
+
+
+async def move_to_runner(session: AsyncSession, sandbox_id: str, *, runner_id: str, started: bool, now: datetime.datetime) -> bool:
+    """Record that the sandbox now lives on `runner_id`: STARTED after a restore, unchanged after a move."""
+    sandbox = await session.get(Sandbox, sandbox_id, populate_existing=True)
+    if sandbox is None:
+        return False
+    values: dict[str, object] = {"runner_id": runner_id, "error_reason": None, "updated_at": now}
+    if started:
+        values.update(state=SandboxState.STARTED, state_changed_at=now)
+    return await guards.guarded_update(session, Sandbox, sandbox_id, expected={"version": sandbox.version}, values=values, action="move_to_runner")
+
+
+async def mark_error(session: AsyncSession, sandbox_id: str, *, reason: str, now: datetime.datetime) -> bool:
+    sandbox = await session.get(Sandbox, sandbox_id, populate_existing=True)
+    if sandbox is None or sandbox.state == SandboxState.DESTROYED:
+        return False
+    return await guards.guarded_update(
+        session,
+        Sandbox,
+        sandbox_id,
+        expected={"version": sandbox.version},
+        values={"state": SandboxState.ERROR, "state_changed_at": now, "error_reason": reason, "updated_at": now},
+        action="mark_error",
+    )
+
+
+async def finish_archive(session: AsyncSession, sandbox: Sandbox, *, now: datetime.datetime) -> bool:
+    """ARCHIVING to ARCHIVED: the sandbox has left its runner."""
+    return await guards.guarded_update(
+        session,
+        Sandbox,
+        sandbox.id,
+        expected={"version": sandbox.version, "state": SandboxState.ARCHIVING},
+        values={"state": SandboxState.ARCHIVED, "state_changed_at": now, "runner_id": None, "error_reason": None, "updated_at": now},
+        action="finish_archive",
+    )
+
+
+async def archiving_ready(session: AsyncSession, *, limit: int) -> list[Sandbox]:
+    """Archiving sandboxes whose newest completed backup was dispatched after the archive began."""
+    statement = (
+        sa.select(Sandbox)
+        .where(
+            Sandbox.state == SandboxState.ARCHIVING,
+            Sandbox.last_backup_started_at.is_not(None),
+            Sandbox.last_backup_started_at > Sandbox.state_changed_at,
+        )
+        .order_by(Sandbox.state_changed_at)
+        .limit(limit)
+    )
+    return list((await session.execute(statement)).scalars())
+
+
+async def on_runner(session: AsyncSession, runner_id: str) -> list[Sandbox]:
+    statement = sa.select(Sandbox).where(Sandbox.runner_id == runner_id, Sandbox.state.not_in([SandboxState.DESTROYED, SandboxState.ARCHIVED])).order_by(Sandbox.id)
+    return list((await session.execute(statement)).scalars())
