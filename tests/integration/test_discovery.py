@@ -60,6 +60,19 @@ async def _wait_for_sandbox(
         await asyncio.sleep(0.05)
 
 
+async def _wait_for_history(
+    manager: BackupManager, sandbox_id: str, predicate: Callable[[list[backups.Backup]], bool], timeout_s: float = WAIT_TIMEOUT_S
+) -> list[backups.Backup]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        history = await _history(manager, sandbox_id)
+        if predicate(history):
+            return history
+        if time.monotonic() > deadline:
+            raise AssertionError(f"backups of {sandbox_id} did not reach the expected states within {timeout_s} s: {[b.state.value for b in history]}")
+        await asyncio.sleep(0.05)
+
+
 def _in_state(state: SandboxState) -> Callable[[Sandbox | None], bool]:
     return lambda sandbox: sandbox is not None and sandbox.state == state
 
@@ -315,8 +328,10 @@ async def test_stop_and_remove_reach_manager_without_tick(
 
     destroyed = await _wait_for_sandbox(manager, container.name, _in_state(SandboxState.DESTROYED))
     assert destroyed.desired_state == SandboxState.DESTROYED
-    [cancelled] = await _history(manager, container.name)
+    # The state is committed before the destroy cancels the queued attempt.
+    [cancelled] = await _wait_for_history(manager, container.name, lambda history: history[0].state != BackupState.PENDING)
     assert cancelled.state == BackupState.ERROR
+    assert "destroyed" in cancelled.error_reason
 
 
 @pytest.mark.slow
