@@ -55,8 +55,8 @@ async def _wait_for_sandbox(
         if predicate(sandbox):
             return sandbox
         if time.monotonic() > deadline:
-            shown = (sandbox.state.value, sandbox.runner_id, sandbox.organization_id) if sandbox else None
-            raise AssertionError(f"sandbox {sandbox_id} did not reach the expected record within {timeout_s} s; last: {shown}")
+            last = (sandbox.state.value, sandbox.runner_id, sandbox.organization_id) if sandbox else None
+            raise AssertionError(f"sandbox {sandbox_id} did not reach the expected record within {timeout_s} s; last: {last}")
         await asyncio.sleep(0.05)
 
 
@@ -142,14 +142,16 @@ def start_agent(manager: BackupManager, manager_url: str, runner_agent_factory: 
 # The discovery endpoints, called in process.
 
 
-async def test_inventory_rejects_unknown_runner_and_wrong_token(runner_client: httpx.AsyncClient) -> None:
+async def test_discovery_rejects_wrong_runner_token(runner_client: httpx.AsyncClient) -> None:
     body = {"sandboxes": [{"sandboxId": "sb-1", "state": "STARTED"}]}
 
     wrong_token = await runner_client.put("/api/v1/runners/runner-1/sandboxes", json=body, headers={"Authorization": "Bearer wrong"})
     unknown_runner = await runner_client.put("/api/v1/runners/runner-x/sandboxes", json=body)
     no_token = await runner_client.post("/api/v1/runners/runner-1/sandbox-events", json={"sandboxId": "sb-1", "event": "started"}, headers={"Authorization": ""})
+    # The token is checked before the body, so an unauthenticated caller learns nothing from validation.
+    invalid_body = await runner_client.put("/api/v1/runners/runner-1/sandboxes", json={"bad": 1}, headers={"Authorization": "Bearer wrong"})
 
-    for response in (wrong_token, unknown_runner, no_token):
+    for response in (wrong_token, unknown_runner, no_token, invalid_body):
         assert response.status_code == 401, response.text
         error = response.json()["error"]
         assert error["code"] == "RunnerTokenRejected"
@@ -165,6 +167,7 @@ async def test_inventory_records_and_skips_invalid_ids(runner_client: httpx.Asyn
             {"sandboxId": "Bad_Name", "state": "STARTED"},
             {"sandboxId": "x" * 300, "state": "STARTED"},
             {"sandboxId": "sb-long-org", "state": "STARTED", "organizationId": "o" * 200},
+            {"sandboxId": "sb-nul-org", "state": "STARTED", "organizationId": "org\u0000x"},
         ]
     }
 
@@ -174,9 +177,10 @@ async def test_inventory_records_and_skips_invalid_ids(runner_client: httpx.Asyn
     result = response.json()
     assert result["recorded"] == ["sb-run", "sb-eph"]
     skipped = {item["sandboxId"]: item["reason"] for item in result["skipped"]}
-    assert set(skipped) == {"Bad_Name", "x" * 300, "sb-long-org"}
+    assert set(skipped) == {"Bad_Name", "x" * 300, "sb-long-org", "sb-nul-org"}
     assert "cannot form an image reference" in skipped["Bad_Name"]
-    assert "organization id" in skipped["sb-long-org"]
+    assert "longer than 128" in skipped["sb-long-org"]
+    assert "NUL" in skipped["sb-nul-org"]
 
     running = await _sandbox(manager, "sb-run")
     assert (running.state, running.runner_id, running.organization_id, running.ephemeral) == (SandboxState.STARTED, "runner-1", "org-a", False)
@@ -259,27 +263,23 @@ async def test_event_for_new_sandbox_creates_it(runner_client: httpx.AsyncClient
     assert invalid.json()["skipped"][0]["sandboxId"] == "-bad-"
 
 
-async def test_destroyed_sandbox_waits_for_cleanup(runner_client: httpx.AsyncClient, manager: BackupManager) -> None:
+async def test_destroyed_id_not_recorded_again(runner_client: httpx.AsyncClient, manager: BackupManager) -> None:
     await runner_client.post("/api/v1/runners/runner-1/sandbox-events", json={"sandboxId": "sb-again", "event": "stopped", "organizationId": "org"})
-    # The attempt queued by the stop pins the registry, so the destroy owes a repository deletion.
-    assert (await _sandbox(manager, "sb-again")).backup_registry_id is not None
 
     destroyed = await runner_client.post("/api/v1/runners/runner-1/sandbox-events", json={"sandboxId": "sb-again", "event": "destroyed"})
-    back_early = await runner_client.put("/api/v1/runners/runner-1/sandboxes", json={"sandboxes": [{"sandboxId": "sb-again", "state": "STARTED"}]})
+    destroyed_twice = await runner_client.post("/api/v1/runners/runner-1/sandbox-events", json={"sandboxId": "sb-again", "event": "destroyed"})
+    back = await runner_client.put("/api/v1/runners/runner-1/sandboxes", json={"sandboxes": [{"sandboxId": "sb-again", "state": "STARTED"}]})
+    started = await runner_client.post("/api/v1/runners/runner-1/sandbox-events", json={"sandboxId": "sb-again", "event": "started"})
 
     assert destroyed.json()["recorded"] == ["sb-again"]
-    assert "still being deleted" in back_early.json()["skipped"][0]["reason"]
+    assert destroyed_twice.json()["recorded"] == ["sb-again"]
+    for response in (back, started):
+        assert response.status_code == 200, response.text
+        assert "never recorded again" in response.json()["skipped"][0]["reason"]
     sandbox = await _sandbox(manager, "sb-again")
     assert (sandbox.state, sandbox.desired_state) == (SandboxState.DESTROYED, SandboxState.DESTROYED)
-
     async with manager.ctx.db.transaction() as session:
-        for task in await cleanup.due_tasks(session, now=manager.ctx.now(), limit=10):
-            await cleanup.mark_done(session, task.id, now=manager.ctx.now())
-    back_later = await runner_client.put("/api/v1/runners/runner-1/sandboxes", json={"sandboxes": [{"sandboxId": "sb-again", "state": "STARTED"}]})
-
-    assert back_later.json()["recorded"] == ["sb-again"]
-    sandbox = await _sandbox(manager, "sb-again")
-    assert (sandbox.state, sandbox.desired_state, sandbox.organization_id) == (SandboxState.STARTED, None, "org")
+        assert await cleanup.owed_count(session, sandbox_id="sb-again") == 1
 
 
 # Real agents on the private Podman.
@@ -309,7 +309,7 @@ async def test_agent_start_reports_labelled_containers(
 
 
 @pytest.mark.slow
-async def test_stop_and_remove_reach_manager_without_tick(
+async def test_stop_and_remove_reach_manager(
     manager: BackupManager, start_agent: Callable[..., Any], containers: Callable[..., Any]
 ) -> None:
     await add_registry(manager)
@@ -319,7 +319,9 @@ async def test_stop_and_remove_reach_manager_without_tick(
 
     await asyncio.to_thread(container.stop, timeout=1)
 
-    stopped = await _wait_for_sandbox(manager, container.name, _in_state(SandboxState.STOPPED))
+    # No due check runs: the stop event alone queues the backup, just after it commits the state.
+    stopped = await _wait_for_sandbox(manager, container.name, lambda sandbox: sandbox is not None and sandbox.backup_state != SandboxBackupState.NONE)
+    assert stopped.state == SandboxState.STOPPED
     assert stopped.backup_state == SandboxBackupState.PENDING
     [attempt] = await _history(manager, container.name)
     assert attempt.state == BackupState.PENDING
@@ -335,6 +337,24 @@ async def test_stop_and_remove_reach_manager_without_tick(
 
 
 @pytest.mark.slow
+async def test_agent_with_wrong_token_rejected(
+    manager: BackupManager, manager_url: str, runner_agent_factory: Callable[..., Any], containers: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    container = containers()
+    await add_runner(manager, "runner-wrong", token="the-registered-token")
+    caplog.set_level(logging.ERROR, logger="sandbox_backup.runner.discovery")
+
+    await asyncio.to_thread(runner_agent_factory, runner_id="runner-wrong", token="another-token", manager_url=manager_url)
+
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    while not any("401" in record.getMessage() for record in caplog.records):
+        assert time.monotonic() < deadline, "the agent did not log the rejected inventory"
+        await asyncio.sleep(0.05)
+    assert await _sandbox(manager, container.name) is None
+    assert not any("another-token" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.slow
 async def test_new_container_reported_by_event(manager: BackupManager, start_agent: Callable[..., Any], containers: Callable[..., Any]) -> None:
     await start_agent()
 
@@ -346,20 +366,33 @@ async def test_new_container_reported_by_event(manager: BackupManager, start_age
 
 @pytest.mark.slow
 async def test_engine_restart_is_recovered(
-    manager: BackupManager, start_agent: Callable[..., Any], containers: Callable[..., Any], podman_engine: PodmanEngine
+    manager: BackupManager,
+    start_agent: Callable[..., Any],
+    containers: Callable[..., Any],
+    podman_engine: PodmanEngine,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     container = containers()
     await start_agent()
     await _wait_for_sandbox(manager, container.name, _in_state(SandboxState.STARTED))
+    caplog.set_level(logging.WARNING, logger="sandbox_backup.runner.discovery")
 
-    # Stopped while the API service is down, so no event of the stop reaches the agent:
-    # only the inventory sent after the reconnect can tell the manager.
+    # Only the API service stops; the container keeps running. It is stopped while the service
+    # is down, so no event of the stop reaches the agent: only the inventory sent after the
+    # reconnect can tell the manager.
     pid = (podman_engine.dir / "podman.pid").read_text().strip()
     await asyncio.to_thread(run_podman_sh, "stop_pid", pid, env=podman_engine.env)
-    await asyncio.to_thread(podman_engine.podman, "stop", "--time", "1", container.name)
-    await asyncio.to_thread(run_podman_sh, "podman_service_start", str(podman_engine.dir), env=podman_engine.env)
+    try:
+        await asyncio.to_thread(podman_engine.podman, "stop", "--time", "1", container.name)
+        await asyncio.sleep(1.0)  # several reconnect attempts fail meanwhile
+    finally:
+        # The service is shared by the whole session, so it must run again whatever happened.
+        await asyncio.to_thread(run_podman_sh, "podman_service_start", str(podman_engine.dir), env=podman_engine.env)
 
     await _wait_for_sandbox(manager, container.name, _in_state(SandboxState.STOPPED))
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("event stream ended" in message for message in messages), messages
+    assert any("opening the engine's event stream failed" in message for message in messages), messages
 
     # The reconnected stream delivers the next change as an event.
     await asyncio.to_thread(podman_engine.client.api.start, container.name)

@@ -104,6 +104,7 @@ async def test_stopped_sandbox_backed_up_once_after_stop(one_sandbox: BackupMana
     assert response.status_code == 200
     assert response.json()["backupState"] == "PENDING"  # queued by the event, not by a tick
 
+    clock.advance(1)  # dispatched after the stop, as on a real clock
     await _complete_current(manager, api)
     clock.advance(10 * HOUR)
     assert await manager.check_stopped_due() == 0

@@ -191,8 +191,8 @@ async def test_verify_moved_tag_is_broken(seeded: BackupManager, registry_server
 
 async def test_verify_missing_layer_blob_is_broken(seeded: BackupManager, registry_server: RegistryServer) -> None:
     manager = seeded
-    kept, lost = layer("kept"), layer("lost")
-    backup_id, _ = await push_backup(manager, registry_server, "t1", layers=[kept, lost], completed_at=manager.ctx.now())
+    present, lost = layer("present"), layer("lost")
+    backup_id, _ = await push_backup(manager, registry_server, "t1", layers=[present, lost], completed_at=manager.ctx.now())
     repository = repository_of(await project_of(manager))
     # distribution 2.8 with deletes enabled unlinks the blob from the repository.
     with http_client(registry_server) as http:
@@ -204,7 +204,7 @@ async def test_verify_missing_layer_blob_is_broken(seeded: BackupManager, regist
     row = await load(manager, backup_id)
     assert outcome == VerifyOutcome.BROKEN
     assert row.broken_reason == f"layer blob {sha256_digest(lost)} is missing from the registry"
-    assert sha256_digest(kept) not in row.broken_reason
+    assert sha256_digest(present) not in row.broken_reason
 
 
 async def test_verify_registry_down_changes_nothing(seeded: BackupManager, registry_server: RegistryServer) -> None:
@@ -317,14 +317,14 @@ async def deleted_ids(manager: BackupManager) -> set[str]:
         return set((await session.execute(sa.select(Backup.id).where(Backup.deleted_at.is_not(None)))).scalars())
 
 
-async def test_prune_queues_unshared_digests_then_cleanup_deletes(seeded: BackupManager, registry_server: RegistryServer) -> None:
+async def test_prune_then_cleanup_deletes_manifests(seeded: BackupManager, registry_server: RegistryServer) -> None:
     manager = seeded
     now = manager.ctx.now()
     repository = repository_of(await project_of(manager))
     shared_layers = [layer("shared")]
     oldest, d_oldest = await push_backup(manager, registry_server, "t1", layers=[layer("oldest")], completed_at=now - 6 * HOUR)
     restoring, d_restoring = await push_backup(manager, registry_server, "t2", layers=[layer("restoring")], completed_at=now - 5 * HOUR)
-    # The same content pushed twice has one manifest digest; the newest copy is kept.
+    # The same content pushed twice has one manifest digest, and the newest copy is kept.
     old_copy, d_shared = await push_backup(manager, registry_server, "t3", layers=shared_layers, completed_at=now - 4 * HOUR)
     middle, d_middle = await push_backup(manager, registry_server, "t4", layers=[layer("middle")], completed_at=now - 3 * HOUR)
     second, d_second = await push_backup(manager, registry_server, "t5", layers=[layer("second")], completed_at=now - 2 * HOUR)
@@ -368,7 +368,7 @@ async def test_prune_queues_unshared_digests_then_cleanup_deletes(seeded: Backup
         assert await client.head_manifest(repository, "t6") is not None
 
 
-async def test_prune_skips_backup_a_restore_took_meanwhile(seeded: BackupManager) -> None:
+async def test_mark_deleted_sees_late_restore(seeded: BackupManager) -> None:
     manager = seeded
     now = manager.ctx.now()
     old = await insert_backup(manager, tag="t1", digest="sha256:" + "1" * 64, completed_at=now - 2 * HOUR)
@@ -422,3 +422,20 @@ async def test_prune_all_uses_global_default(manager_factory: ManagerFactory) ->
 async def test_prune_unknown_sandbox_raises(seeded: BackupManager) -> None:
     with pytest.raises(errors.NotFound, match="no-such-sandbox"):
         await retention.prune(seeded.ctx, sandbox_id="no-such-sandbox")
+
+
+async def test_pruned_digest_cleanup_spares_pending_attempt(seeded: BackupManager, registry_server: RegistryServer) -> None:
+    manager = seeded
+    now = manager.ctx.now()
+    await push_backup(manager, registry_server, "t1", layers=[layer("old")], completed_at=now - 2 * HOUR)
+    await push_backup(manager, registry_server, "t2", layers=[layer("new")], completed_at=now - HOUR)
+    await set_policy(manager, "sb-1", small_policy(keep_last=1))
+    assert (await retention.prune(manager.ctx, sandbox_id="sb-1")).pruned_count == 1
+    # The sandbox is still running, so its next backup is queued while the deletion is owed.
+    assert await manager.check_running_due() == 1
+
+    await manager.work_cleanup()
+
+    async with manager.ctx.db.transaction() as session:
+        attempts = list((await session.execute(sa.select(Backup).where(Backup.state != BackupState.COMPLETED))).scalars())
+    assert [attempt.state for attempt in attempts] == [BackupState.PENDING], attempts[0].error_reason

@@ -1,10 +1,13 @@
 import collections
 import datetime
+import types
 
 import pytest
 
 from sandbox_backup import errors
+from sandbox_backup.config import ConfigError, Settings, load_settings
 from sandbox_backup.domain.retention import BackupView, RetentionPolicy, evaluate, parse_policy
+from sandbox_backup.manager.retention import default_policy, policy_for
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime(2026, 12, 4, 12, 0, tzinfo=UTC)  # a Friday in ISO week 49
@@ -290,5 +293,29 @@ def test_parse_policy_rejects(text: str, message: str) -> None:
     assert message in str(caught.value)
 
 
-def test_parse_policy_without_defaults_uses_class_defaults() -> None:
+def test_parse_policy_class_defaults() -> None:
     assert parse_policy('{"keep_last": 2}') == RetentionPolicy(keep_last=2)
+
+
+def test_policy_for_merges_sandbox_json() -> None:
+    settings = Settings(retention_keep_last=4, retention_keep_daily=14)
+    sandbox = types.SimpleNamespace(id="sb-1", retention_policy='{"keep_daily": 2}')
+
+    assert default_policy(settings) == RetentionPolicy(keep_last=4, keep_daily=14)
+    assert policy_for(settings, sandbox) == RetentionPolicy(keep_last=4, keep_daily=2)
+
+
+def test_policy_for_names_sandbox_and_field() -> None:
+    sandbox = types.SimpleNamespace(id="sb-1", retention_policy='{"keep_daily": -2}')
+
+    with pytest.raises(errors.InvalidInput) as caught:
+        policy_for(Settings(), sandbox)
+
+    assert "sb-1" in str(caught.value)
+    assert "keep_daily = -2" in str(caught.value)
+
+
+@pytest.mark.parametrize(("key", "value"), [("retention_keep_last", -1), ("verify_batch", 0), ("verify_max_age_s", 1.0), ("retention_interval_s", 0)])
+def test_settings_reject_out_of_range(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_settings(**{key: value})

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import fastapi
 from fastapi import status
+from sqlalchemy import exc as sa_exc
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -83,8 +84,7 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
     @api.put("/registries/{registry_id}", response_model=schemas.RegistryOut, tags=["registries"])
     async def put_registry(registry_id: str, body: schemas.RegistryIn) -> schemas.RegistryOut:
         _check_id(registry_id, "registry id")
-        url = str(body.url).rstrip("/")
-        reference.registry_host(url)
+        url = _registry_url(body)
         async with ctx.db.transaction() as session:
             registry = await fleet.upsert_registry(
                 session,
@@ -129,7 +129,7 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
 
     @api.get("/sandboxes", response_model=list[schemas.SandboxOut], tags=["sandboxes"])
     async def list_sandboxes(
-        limit: Annotated[int, fastapi.Query(ge=1, le=1000)] = 100, offset: Annotated[int, fastapi.Query(ge=0)] = 0
+        limit: Annotated[int, fastapi.Query(ge=1, le=1000)] = 100, offset: Annotated[int, fastapi.Query(ge=0, le=2**31 - 1)] = 0
     ) -> list[schemas.SandboxOut]:
         async with ctx.db.transaction() as session:
             rows = await sandboxes.list_sandboxes(session, limit=limit, offset=offset)
@@ -219,6 +219,20 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
     return app
 
 
+def _registry_url(body: schemas.RegistryIn) -> str:
+    """Return the registry's base URL, rejecting credentials, paths and queries in it."""
+    url = body.url
+    if url.username or url.password:
+        raise errors.InvalidInput("registry url must not contain credentials; send them as username and password")
+    if (url.path or "/") != "/" or url.query or url.fragment:
+        raise errors.InvalidInput(f"registry url must be a scheme and host only, like https://registry.example.com; remove {url.path}{'?' + url.query if url.query else ''}")
+    if body.project is not None and not reference.REPOSITORY_RE.fullmatch(body.project):
+        raise errors.InvalidInput(f"registry project {body.project!r} is not a valid repository path: use lowercase letters, digits, '.', '_', '-' and '/'")
+    text = f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
+    reference.registry_host(text)
+    return text
+
+
 def _check_id(value: str, what: str) -> None:
     if not ID_RE.fullmatch(value):
         raise errors.InvalidInput(f"{what} {value!r} is invalid: use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -232,6 +246,19 @@ def _install_error_handlers(app: fastapi.FastAPI) -> None:
     async def on_product_error(request: fastapi.Request, exc: errors.SandboxBackupError) -> JSONResponse:
         code = next((status_code for cls, status_code in ERROR_STATUS.items() if isinstance(exc, cls)), status.HTTP_502_BAD_GATEWAY)
         return JSONResponse(body(type(exc).__name__, str(exc)), status_code=code)
+
+    @app.exception_handler(sa_exc.IntegrityError)
+    async def on_integrity_error(request: fastapi.Request, exc: sa_exc.IntegrityError) -> JSONResponse:
+        # Two requests created the same row at once; the loser changed nothing.
+        logger.info("request lost a race with a concurrent change", extra={"action": "lost_race", "path": request.url.path})
+        return JSONResponse(body("Conflict", "a concurrent request changed the same object; send the request again"), status_code=status.HTTP_409_CONFLICT)
+
+    @app.middleware("http")
+    async def reject_nul(request: fastapi.Request, call_next):  # type: ignore[no-untyped-def]
+        # PostgreSQL cannot store or compare NUL characters in text; refuse them at the edge.
+        if "\x00" in request.scope.get("path", "") or "%00" in request.scope.get("query_string", b"").decode("latin-1"):
+            return JSONResponse(body("InvalidInput", "the request path or query contains a NUL character"), status_code=status.HTTP_400_BAD_REQUEST)
+        return await call_next(request)
 
     @app.exception_handler(fastapi.HTTPException)
     async def on_http_error(request: fastapi.Request, exc: fastapi.HTTPException) -> JSONResponse:

@@ -71,7 +71,7 @@ def create_router(manager: BackupManager) -> fastapi.APIRouter:
     @router.post("/runners/{runner_id}/sandbox-events", response_model=DiscoveryOut)
     async def post_sandbox_event(runner_id: str, body: SandboxEventIn) -> DiscoveryOut:
         """Apply one container state change: started, stopped (queues a backup) or destroyed (deletes the backups)."""
-        # The state is replaced by the event's own; STOPPED only fills the field.
+        # apply_event takes the state from the event, so STOPPED here only fills the field.
         observed = _observed(body.sandbox_id, SandboxState.STOPPED, body.organization_id, body.ephemeral)
         return _result_out(await discovery.apply_event(ctx, runner_id, body.event, observed))
 

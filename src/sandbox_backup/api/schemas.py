@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from typing import Annotated
 
 import pydantic
 from pydantic.alias_generators import to_camel
@@ -11,15 +12,25 @@ from sandbox_backup.domain.states import BackupState, BackupTrigger, RunnerState
 from sandbox_backup.manager.lifecycle import LifecycleEvent
 
 
+def _text(max_length: int, *, min_length: int = 0) -> object:
+    # No NUL characters: PostgreSQL cannot store them in text columns.
+    return pydantic.StringConstraints(min_length=min_length, max_length=max_length, pattern=r"^[^\x00]*$")
+
+
+Name = Annotated[str, _text(128, min_length=1)]
+ShortText = Annotated[str, _text(255)]
+Secret = Annotated[pydantic.SecretStr, pydantic.Field(min_length=8, max_length=1024)]
+
+
 class ApiModel(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True, extra="forbid")
 
 
 class RunnerIn(ApiModel):
-    api_url: pydantic.AnyHttpUrl = pydantic.Field(description="Base URL of the runner agent, e.g. http://10.0.0.5:8300.")
-    token: pydantic.SecretStr = pydantic.Field(description="Bearer token of the runner agent; also authenticates its reports.")
+    api_url: pydantic.AnyHttpUrl = pydantic.Field(max_length=1024, description="Base URL of the runner agent, e.g. http://10.0.0.5:8300.")
+    token: Secret = pydantic.Field(description="Bearer token of the runner agent (8 to 1024 characters); also authenticates its reports.")
     state: RunnerState = RunnerState.READY
-    region: str | None = None
+    region: Name | None = None
     capacity: int = pydantic.Field(100, ge=0, le=100_000)
     max_concurrent_backups: int | None = pydantic.Field(None, ge=1, le=1000, description="Cap of backups in flight on this runner; empty uses the manager default.")
 
@@ -35,12 +46,12 @@ class RunnerOut(ApiModel):
 
 
 class RegistryIn(ApiModel):
-    url: pydantic.AnyHttpUrl = pydantic.Field(description="Registry base URL, e.g. https://registry.example.com.")
-    project: str | None = pydantic.Field(None, description="Path prefix of backup repositories; default sandbox-backup.")
-    username: str | None = None
-    password: pydantic.SecretStr | None = pydantic.Field(None, description="Write-only: never returned.")
-    region: str | None = None
-    organization_id: str | None = None
+    url: pydantic.AnyHttpUrl = pydantic.Field(max_length=1024, description="Registry base URL, e.g. https://registry.example.com, without credentials or path.")
+    project: ShortText | None = pydantic.Field(None, description="Path prefix of backup repositories; default sandbox-backup.")
+    username: ShortText | None = None
+    password: Annotated[pydantic.SecretStr, pydantic.Field(max_length=1024)] | None = pydantic.Field(None, description="Write-only: never returned.")
+    region: Name | None = None
+    organization_id: Name | None = None
     is_default: bool = False
 
 
@@ -56,11 +67,16 @@ class RegistryOut(ApiModel):
 
 class SandboxIn(ApiModel):
     state: SandboxState
-    runner_id: str | None = None
-    organization_id: str | None = pydantic.Field(None, description="Empty for a warm-pool sandbox, which is never backed up.")
-    region: str | None = None
+    runner_id: Name | None = None
+    organization_id: Annotated[str, _text(128)] | None = pydantic.Field(None, description="Empty for a warm-pool sandbox, which is never backed up.")
+    region: Name | None = None
     desired_state: SandboxState | None = None
     ephemeral: bool = False
+
+    @pydantic.field_validator("organization_id")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
 
 
 class SandboxOut(ApiModel):
@@ -106,8 +122,8 @@ class BackupOut(ApiModel):
 
 
 class RestoreIn(ApiModel):
-    backup_id: str | None = pydantic.Field(None, description="Restore this backup only; empty tries the newest verified first.")
-    runner_id: str | None = pydantic.Field(None, description="Restore onto this READY runner; empty chooses one.")
+    backup_id: Name | None = pydantic.Field(None, description="Restore this backup only; empty tries the newest verified first.")
+    runner_id: Name | None = pydantic.Field(None, description="Restore onto this READY runner; empty chooses one.")
 
 
 class RestoreOut(ApiModel):

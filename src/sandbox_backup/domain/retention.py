@@ -1,19 +1,20 @@
-"""Which backups of one sandbox to keep: keep-last and calendar-bucket rules, a verified floor.
+"""Retention of one sandbox's backups: keep-last and calendar-bucket rules, and a verified floor.
 
-The rules follow restic's `forget` and kopia's retention policies:
-- `keep_last` keeps the N newest backups;
+The rules work like the `--keep-*` options of `restic forget` (restic 0.16 manual, rustic docs):
+- `keep_last` keeps the N newest backups.
 - `keep_hourly`, `keep_daily`, `keep_weekly` and `keep_monthly` each keep the newest backup of
   the N most recent calendar buckets (UTC hour, day, ISO week, month) that contain a backup.
   Buckets count back from the newest backup, not from "now", so a sandbox that stopped being
-  backed up keeps its last backups however long it stays stopped;
-- rules are additive: a backup is kept when any rule keeps it;
-- when every rule count is zero the policy keeps everything.
+  backed up keeps its last backups however long it stays stopped.
+- Rules are additive: a backup is kept when any rule keeps it.
+- When every rule count is zero, the policy keeps everything.
+Unlike restic 0.17, the oldest backup is not kept when there are fewer backups than buckets.
 
-Decisions beyond those tools:
+Decisions beyond restic:
 - A broken backup cannot be restored, so it fills no slot of any rule and is deleted unless a
   restore uses it. Its row stays in the database as history, with its `broken_reason`.
-- A completed backup that is not verified yet counts for the rules like a verified one: the
-  newest backup is usually not verified yet, and it must not push out the rule slots.
+- A completed backup that is not verified yet counts for the rules like a verified one. The
+  newest backup is usually not verified yet, and it must not lose its rule slots.
 - `min_verified` is a floor: the newest N verified, unbroken backups are kept even when no rule
   keeps them, so a run of unverified backups never leaves a sandbox without a proven one.
 - Protected backups (used by a restore in progress) are always kept, broken or not.
@@ -83,7 +84,7 @@ class RetentionPlan:
     evaluated_at: datetime.datetime
 
     def reasons(self, backup_id: str) -> tuple[str, ...]:
-        """Return why `backup_id` is kept; empty when it is deleted or unknown."""
+        """Return why `backup_id` is kept, or () when it is deleted or unknown."""
         return self.keep.get(backup_id, ())
 
 
@@ -196,7 +197,7 @@ def _require_aware(moment: datetime.datetime, name: str) -> None:
 
 
 def parse_policy(text: str | None, *, defaults: RetentionPolicy | None = None) -> RetentionPolicy:
-    """Parse a sandbox's JSON policy; fields it leaves out take their value from `defaults`.
+    """Parse a sandbox's JSON policy. Fields it leaves out take their value from `defaults`.
 
     Empty text or JSON `null` returns `defaults` (the class defaults when None). Raises
     InvalidInput naming the field and the allowed range for unknown fields, values that are

@@ -32,7 +32,8 @@ class RetryPolicy:
 
     def delay_s(self, attempt: int, *, rng: random.Random | None = None) -> float:
         """Return the back-off after failed attempt number `attempt` (1-based)."""
-        base = min(self.max_delay_s, self.base_delay_s * 2 ** max(0, attempt - 1))
+        # The exponent stops growing long before a float overflows; the cap applies far earlier.
+        base = min(self.max_delay_s, self.base_delay_s * 2 ** min(max(0, attempt - 1), 60))
         factor = 1.0 + (rng or random).uniform(-self.jitter, self.jitter)
         return max(0.0, base * factor)
 

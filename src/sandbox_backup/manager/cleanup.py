@@ -7,7 +7,7 @@ import logging
 
 from sandbox_backup import errors
 from sandbox_backup.manager.context import ManagerContext
-from sandbox_backup.store import backups, cleanup, fleet
+from sandbox_backup.store import backups, cleanup, fleet, retention_queries
 from sandbox_backup.store.models import CleanupTask
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,13 @@ async def work_cleanup(ctx: ManagerContext) -> int:
 
 async def _work_one(ctx: ManagerContext, task: CleanupTask) -> bool:
     async with ctx.db.transaction() as session:
-        open_attempts = await backups.open_attempt_count(session, task.sandbox_id)
+        if task.digest is None:
+            # Whole-repository tasks come from destroy. A PENDING attempt of a destroyed sandbox
+            # is never dispatched: end it rather than wait on it.
+            await backups.cancel_pending(session, task.sandbox_id, reason="sandbox destroyed before the backup started", now=ctx.now())
+            open_attempts = await backups.in_progress_count(session, task.sandbox_id)
+        else:
+            open_attempts = await backups.open_attempt_count(session, task.sandbox_id)
         registry = await fleet.get_registry(session, task.registry_id)
 
     if open_attempts:
@@ -64,6 +70,8 @@ async def _delete_repository(ctx: ManagerContext, registry, task: CleanupTask) -
     deleted = 0
     async with ctx.registry_client(registry) as client:
         if task.digest:
+            if await _digest_still_used(ctx, task):
+                return 0
             return int(await client.delete_manifest(task.repository, task.digest))
 
         digests: list[str] = []
@@ -74,6 +82,13 @@ async def _delete_repository(ctx: ManagerContext, registry, task: CleanupTask) -
         for digest in digests:
             deleted += int(await client.delete_manifest(task.repository, digest))
     return deleted
+
+
+async def _digest_still_used(ctx: ManagerContext, task: CleanupTask) -> bool:
+    """A backup completed after the deletion was queued may share the manifest: keep it then."""
+    async with ctx.db.transaction() as session:
+        uses = await retention_queries.manifest_uses(session, [task.digest] if task.digest else [])
+    return any(use.registry_id == task.registry_id and f"/{task.repository}:" in use.image_ref for use in uses)
 
 
 def _backoff(ctx: ManagerContext, task: CleanupTask) -> float:

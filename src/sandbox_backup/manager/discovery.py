@@ -11,6 +11,8 @@ Rules, because the platform and discovery may both describe the same sandbox:
   discovery) set them; change them with `PUT /api/v1/sandboxes/{id}`.
 - A sandbox recorded on another runner, or in ARCHIVING, ARCHIVED or RESTORING, is skipped:
   an archive removes the container on purpose, and a restore creates it on purpose.
+- A DESTROYED sandbox is skipped: the manager never reuses a destroyed sandbox id, because the
+  destroy's cleanup deletes every backup in its repository.
 - An inventory never destroys a sandbox that it does not list, because the schema cannot tell a
   discovered sandbox from one that a platform registered. Only a `destroyed` event destroys.
 """
@@ -22,12 +24,14 @@ import enum
 import hmac
 import logging
 
+from sqlalchemy import exc as sa_exc
+
 from sandbox_backup import errors
 from sandbox_backup.domain import reference
 from sandbox_backup.domain.states import SandboxState
 from sandbox_backup.manager import lifecycle, tracking
 from sandbox_backup.manager.context import ManagerContext
-from sandbox_backup.store import cleanup, fleet, sandboxes
+from sandbox_backup.store import fleet, sandboxes
 from sandbox_backup.store.models import Sandbox
 from sandbox_backup.store.sandboxes import SandboxFields
 
@@ -42,7 +46,7 @@ CONFLICT_ATTEMPTS = 3
 # States that an observed container can move a known sandbox out of.
 OBSERVABLE_STATES = frozenset({SandboxState.STARTED, SandboxState.STOPPED, SandboxState.ERROR})
 
-# Skipped ids listed in one log line of an inventory; the response lists them all.
+# Skipped ids listed in the log line of one inventory. The response lists them all.
 LOGGED_SKIPS = 20
 
 
@@ -64,13 +68,13 @@ _LIFECYCLE_EVENTS = {
 class RunnerTokenRejected(tracking.ReportRejected):
     """A discovery request came with an unknown runner id or a token that is not that runner's.
 
-    A subclass of ReportRejected, so the API answers it with 401 like a rejected report.
+    A subclass of ReportRejected, so the API returns 401 for it, as for a rejected report.
     """
 
 
 @dataclasses.dataclass(frozen=True)
 class ObservedSandbox:
-    """One container as an agent sees it: its name is the sandbox id."""
+    """One container as an agent observes it. The container name is the sandbox id."""
 
     sandbox_id: str
     state: SandboxState
@@ -93,7 +97,7 @@ class DiscoveryResult:
 
 
 class _Skip(Exception):
-    """An observation that discovery does not apply; the message is the reason."""
+    """An observation that discovery does not apply. The message is the reason."""
 
 
 async def authenticate_runner(ctx: ManagerContext, runner_id: str, token: str) -> None:
@@ -121,15 +125,15 @@ async def apply_inventory(ctx: ManagerContext, runner_id: str, observed: list[Ob
     extra = {"action": "inventory_applied", "runner_id": runner_id, "recorded": len(result.recorded), "skipped": len(result.skipped)}
     logger.info("inventory of runner %s applied", runner_id, extra=extra)
     if result.skipped:
-        shown = "; ".join(f"{skip.sandbox_id!r}: {skip.reason}" for skip in result.skipped[:LOGGED_SKIPS])
+        listed = "; ".join(f"{skip.sandbox_id!r}: {skip.reason}" for skip in result.skipped[:LOGGED_SKIPS])
         more = len(result.skipped) - LOGGED_SKIPS
         suffix = f"; and {more} more" if more > 0 else ""
-        logger.warning("inventory of runner %s skipped %d sandbox(es): %s%s", runner_id, len(result.skipped), shown, suffix, extra={**extra, "action": "inventory_skipped"})
+        logger.warning("inventory of runner %s skipped %d sandbox(es): %s%s", runner_id, len(result.skipped), listed, suffix, extra={**extra, "action": "inventory_skipped"})
     return result
 
 
 async def apply_event(ctx: ManagerContext, runner_id: str, event: ContainerEvent, observed: ObservedSandbox) -> DiscoveryResult:
-    """Apply one container event of a runner. `observed.state` is ignored for `destroyed`."""
+    """Apply one container event of a runner. The event sets the state, so `observed.state` is ignored."""
     extra = {"action": "sandbox_event_skipped", "runner_id": runner_id, "sandbox_id": observed.sandbox_id, "event": event.value}
     try:
         if event == ContainerEvent.DESTROYED:
@@ -144,15 +148,16 @@ async def apply_event(ctx: ManagerContext, runner_id: str, event: ContainerEvent
 
 async def _apply_observation(ctx: ManagerContext, runner_id: str, observed: ObservedSandbox) -> None:
     _check_observation(observed)
-    for _ in range(CONFLICT_ATTEMPTS):
+    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
         try:
             await _observe_once(ctx, runner_id, observed)
             return
-        except errors.Conflict:
-            continue  # another writer changed the row between the read and the guarded update
+        except (errors.Conflict, sa_exc.IntegrityError) as exc:
+            # Another writer changed or inserted the row between the read and the write.
+            if attempt == CONFLICT_ATTEMPTS:
+                raise _Skip(f"recording it failed {CONFLICT_ATTEMPTS} times, last with: {exc}") from exc
         except errors.SandboxBackupError as exc:
             raise _Skip(f"recording it failed: {exc}") from exc
-    raise _Skip(f"the sandbox changed concurrently {CONFLICT_ATTEMPTS} times; the agent's next inventory applies it")
 
 
 def _check_observation(observed: ObservedSandbox) -> None:
@@ -163,14 +168,18 @@ def _check_observation(observed: ObservedSandbox) -> None:
     organization = observed.organization_id
     if organization is not None and len(organization) > MAX_ORGANIZATION_ID_LENGTH:
         raise _Skip(f"organization id {organization[:40]!r}... is longer than {MAX_ORGANIZATION_ID_LENGTH} characters; shorten the container's organization label")
+    # PostgreSQL cannot store a NUL character in text.
+    if organization is not None and "\x00" in organization:
+        raise _Skip(f"organization id {organization!r} contains a NUL character; fix the container's organization label")
 
 
 async def _observe_once(ctx: ManagerContext, runner_id: str, observed: ObservedSandbox) -> None:
     async with ctx.db.transaction() as session:
         sandbox = await sandboxes.get_sandbox(session, observed.sandbox_id)
-        owed_deletions = await cleanup.owed_count(session, sandbox_id=observed.sandbox_id) if sandbox else 0
 
     if sandbox is None:
+        # NOTE: a restore drill's throwaway copy ({id}-drill-{hex}) carries the agent's label too,
+        # so it is recorded here as a new sandbox, and its removal later destroys that record.
         fields = SandboxFields(state=observed.state, runner_id=runner_id, organization_id=observed.organization_id or None, ephemeral=observed.ephemeral)
         await lifecycle.upsert_sandbox(ctx, observed.sandbox_id, fields)
         logger.info(
@@ -180,37 +189,23 @@ async def _observe_once(ctx: ManagerContext, runner_id: str, observed: ObservedS
         return
 
     if sandbox.state == SandboxState.DESTROYED:
-        await _record_again(ctx, runner_id, sandbox, observed, owed_deletions)
-        return
+        raise _Skip("the sandbox is DESTROYED, and a destroyed id is never recorded again; remove the container, or rename it to back it up as a new sandbox")
     _check_may_change(sandbox, runner_id)
     if sandbox.runner_id is None:
-        await lifecycle.upsert_sandbox(ctx, sandbox.id, _kept_fields(sandbox, state=observed.state, runner_id=runner_id, desired_state=sandbox.desired_state))
+        await lifecycle.upsert_sandbox(ctx, sandbox.id, _kept_fields(sandbox, state=observed.state, runner_id=runner_id))
     elif sandbox.state != observed.state:
         # handle_event changes the state alone, so platform-set fields cannot be overwritten.
         await lifecycle.handle_event(ctx, sandbox.id, _LIFECYCLE_EVENTS[observed.state])
 
 
-async def _record_again(ctx: ManagerContext, runner_id: str, sandbox: Sandbox, observed: ObservedSandbox, owed_deletions: int) -> None:
-    """Record a container that came back under the id of a destroyed sandbox."""
-    # The destroy's cleanup deletes every tag of the repository, so a backup taken before it
-    # finishes would be deleted too.
-    if owed_deletions:
-        raise _Skip("the sandbox was destroyed and its backups are still being deleted; it is recorded again by an inventory after the deletion")
-    fields = _kept_fields(sandbox, state=observed.state, runner_id=runner_id, desired_state=None)
-    await lifecycle.upsert_sandbox(ctx, sandbox.id, fields)
-    logger.info(
-        "destroyed sandbox %s is back on runner %s", sandbox.id, runner_id,
-        extra={"action": "sandbox_rediscovered", "sandbox_id": sandbox.id, "runner_id": runner_id, "state": observed.state.value},
-    )
-
-
-def _kept_fields(sandbox: Sandbox, *, state: SandboxState, runner_id: str, desired_state: SandboxState | None) -> SandboxFields:
+def _kept_fields(sandbox: Sandbox, *, state: SandboxState, runner_id: str) -> SandboxFields:
+    """Return the row's own fields with only the observed state and runner changed."""
     return SandboxFields(
         state=state,
         runner_id=runner_id,
         organization_id=sandbox.organization_id,
         region=sandbox.region,
-        desired_state=desired_state,
+        desired_state=sandbox.desired_state,
         ephemeral=sandbox.ephemeral,
     )
 
@@ -224,15 +219,15 @@ def _check_may_change(sandbox: Sandbox, runner_id: str) -> None:
 
 async def _apply_destroyed(ctx: ManagerContext, runner_id: str, sandbox_id: str) -> None:
     _check_observation(ObservedSandbox(sandbox_id, SandboxState.DESTROYED))
-    for _ in range(CONFLICT_ATTEMPTS):
+    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
         try:
             await _destroy_once(ctx, runner_id, sandbox_id)
             return
-        except errors.Conflict:
-            continue
+        except errors.Conflict as exc:
+            if attempt == CONFLICT_ATTEMPTS:
+                raise _Skip(f"recording the destroy failed {CONFLICT_ATTEMPTS} times, last with: {exc}") from exc
         except errors.SandboxBackupError as exc:
             raise _Skip(f"recording the destroy failed: {exc}") from exc
-    raise _Skip(f"the sandbox changed concurrently {CONFLICT_ATTEMPTS} times; send the event again")
 
 
 async def _destroy_once(ctx: ManagerContext, runner_id: str, sandbox_id: str) -> None:

@@ -48,6 +48,11 @@ async def upsert_sandbox(ctx: ManagerContext, sandbox_id: str, fields: SandboxFi
             raise errors.NotFound(f"runner {fields.runner_id!r} is not registered; register it first with PUT /api/v1/runners/{fields.runner_id}")
         sandbox = await sandboxes.get_sandbox(session, sandbox_id)
         previous_state = sandbox.state if sandbox else None
+        if sandbox is not None and sandbox.state == SandboxState.DESTROYED and fields.state != SandboxState.DESTROYED:
+            # The id is used again by a new sandbox. Its old repository must be empty first: the
+            # destroy cleanup deletes every tag, so a new backup taken before would go too.
+            if await cleanup.owed_count(session, sandbox_id=sandbox_id):
+                raise errors.Conflict(f"sandbox {sandbox_id!r} was destroyed and its backups are still being deleted; register it again after that")
         if sandbox is None:
             sandbox = await sandboxes.insert_sandbox(session, sandbox_id, fields, now=now)
         elif not await sandboxes.update_sandbox(session, sandbox, fields, now=now):
@@ -60,6 +65,12 @@ async def upsert_sandbox(ctx: ManagerContext, sandbox_id: str, fields: SandboxFi
     if previous_state != fields.state:
         await _after_state_change(ctx, sandbox_id, fields.state)
     return await get_sandbox(ctx, sandbox_id)
+
+
+def _check_not_destroyed(sandbox: Sandbox, target: SandboxState) -> None:
+    """DESTROYED is final: a late event or update must not bring a sandbox back."""
+    if sandbox.state == SandboxState.DESTROYED and target != SandboxState.DESTROYED:
+        raise errors.Conflict(f"sandbox {sandbox.id!r} is destroyed; register a new sandbox id instead of changing it to {target.value}")
 
 
 async def get_sandbox(ctx: ManagerContext, sandbox_id: str) -> Sandbox:
@@ -77,6 +88,7 @@ async def handle_event(ctx: ManagerContext, sandbox_id: str, event: LifecycleEve
 
     target = EVENT_STATES[event]
     sandbox = await get_sandbox(ctx, sandbox_id)
+    _check_not_destroyed(sandbox, target)
     if event == LifecycleEvent.STARTED and sandbox.state == SandboxState.ARCHIVED:
         # An archived sandbox has no runner any more: starting it is a restore.
         await restore_flow.request_restore(ctx, sandbox_id)
@@ -125,6 +137,8 @@ async def request_backup(ctx: ManagerContext, sandbox_id: str) -> Backup:
     backup = await scheduling.queue_backup(ctx, sandbox_id, BackupTrigger.REQUESTED, wait_for_lock=True)
     if backup is None:
         current = await get_sandbox(ctx, sandbox_id)
+        if current.state not in BACKUP_SOURCE_STATES or current.desired_state == SandboxState.DESTROYED:
+            raise errors.Conflict(f"sandbox {sandbox_id!r} became {current.state.value} while the backup was requested; nothing was queued")
         async with ctx.db.transaction() as session:
             in_flight = await backups.get_backup(session, current.current_backup_id) if current.current_backup_id else None
         if in_flight is None or in_flight.state.value not in ("PENDING", "IN_PROGRESS"):

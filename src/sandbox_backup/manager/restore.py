@@ -245,6 +245,8 @@ async def _create_on_runner(ctx: ManagerContext, restore: Restore, sandbox: Sand
         skip_start=restore.purpose == RestorePurpose.MOVE.value,
         organization_id=sandbox.organization_id,
         region_id=sandbox.region,
+        # A drill copy is thrown away: an agent that reports its containers marks it ephemeral.
+        metadata={"sandbox-backup.ephemeral": "true"} if restore.purpose == RestorePurpose.DRILL.value else None,
     )
     client = RunnerClient(runner.api_url, runner.token, runner_id=runner.id, timeout_s=ctx.settings.restore_timeout_s, http=ctx.http)
     await client.create_sandbox(request)

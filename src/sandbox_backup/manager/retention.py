@@ -1,7 +1,7 @@
 """Pruning: apply each sandbox's retention policy and queue the deletion of what it drops.
 
-A pruned backup gets `deleted_at` and a cleanup task for its manifest digest, in one transaction;
-the cleanup job deletes the manifest later. Two backups can share a digest (identical content),
+A pruned backup gets `deleted_at` and a cleanup task for its manifest digest, in one transaction,
+and the cleanup job deletes the manifest later. Two backups can share a digest (identical content),
 and the registry deletes a manifest by digest, so a digest is queued only when no live backup in
 the same registry repository still references it.
 """
@@ -36,9 +36,9 @@ class HasRetentionPolicy(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class SandboxPrune:
-    """What pruning did, or would do in a dry run, for one sandbox.
+    """Outcome of pruning one sandbox, or of a dry run: the plan, pruned backups, queued manifests.
 
-    `error` is set, and nothing else, when the sandbox's policy could not be read.
+    Only `error` is set when the sandbox's policy could not be read.
     """
 
     sandbox_id: str
@@ -143,7 +143,7 @@ async def _prune_sandbox(ctx: ManagerContext, sandbox_id: str, *, dry_run: bool)
     try:
         policy = policy_for(ctx.settings, sandbox) if sandbox is not None else default_policy(ctx.settings)
     except errors.InvalidInput as exc:
-        # Deleting under a policy nobody can read could drop backups the owner wanted: skip.
+        # A policy that cannot be read might have kept more, so this sandbox keeps everything for now.
         logger.error(
             "retention skipped: the sandbox's retention policy is invalid; fix it through the API",
             extra={"action": "prune_skipped", "sandbox_id": sandbox_id, "error": str(exc)},
@@ -166,6 +166,7 @@ async def _apply(ctx: ManagerContext, sandbox_id: str, plan: RetentionPlan, doom
     """Mark the doomed backups deleted and queue their manifests, in one transaction."""
     now = ctx.now()
     async with ctx.db.transaction() as session:
+        await retention_queries.lock_sandbox_for_pruning(session, sandbox_id)
         # A backup that a restore took meanwhile, or another pruner got first, is left alone.
         pruned = [backup for backup in doomed if await retention_queries.mark_deleted(session, backup.id, now=now)]
         queued = await _manifests_to_delete(session, pruned)
@@ -180,14 +181,14 @@ async def _apply(ctx: ManagerContext, sandbox_id: str, plan: RetentionPlan, doom
 
 async def _manifests_to_delete(session: AsyncSession, pruned: Sequence[Backup]) -> list[ManifestKey]:
     """Return the manifests of `pruned` that no other live backup in the same repository references."""
-    wanted: list[ManifestKey] = []
+    candidates: list[ManifestKey] = []
     for backup in pruned:
         key = _manifest_key(backup.registry_id, backup.image_ref, backup.manifest_digest)
-        if key is not None and key not in wanted:
-            wanted.append(key)
+        if key is not None and key not in candidates:
+            candidates.append(key)
 
     pruned_ids = {backup.id for backup in pruned}
-    uses = await retention_queries.manifest_uses(session, [digest for _, _, digest in wanted])
+    uses = await retention_queries.manifest_uses(session, [digest for _, _, digest in candidates])
     in_use = {
         _manifest_key(use.registry_id, use.image_ref, use.digest)
         for use in uses
@@ -195,7 +196,7 @@ async def _manifests_to_delete(session: AsyncSession, pruned: Sequence[Backup]) 
     }
     # A live backup whose reference cannot be parsed might sit in any repository of its registry.
     blocked_everywhere = {(use.registry_id, use.digest) for use in uses if use.backup_id not in pruned_ids and _repository(use.image_ref) is None}
-    return [key for key in wanted if key not in in_use and (key[0], key[2]) not in blocked_everywhere]
+    return [key for key in candidates if key not in in_use and (key[0], key[2]) not in blocked_everywhere]
 
 
 def _manifest_key(registry_id: str, image_ref: str, digest: str | None) -> ManifestKey | None:

@@ -38,7 +38,15 @@ async def _queue_due(ctx: ManagerContext, candidates: list[tuple[Sandbox, Runner
         trigger = schedule.backup_due(sandboxes.due_view(sandbox, runner), now=ctx.now(), interval=ctx.backup_interval)
         if trigger is None:
             continue
-        if await queue_backup(ctx, sandbox.id, trigger, wait_for_lock=False) is not None:
+        try:
+            backup = await queue_backup(ctx, sandbox.id, trigger, wait_for_lock=False)
+        except errors.InvalidInput as exc:
+            logger.error(
+                "cannot queue a backup of this sandbox; fix its registry settings",
+                extra={"action": "backup_queue_failed", "sandbox_id": sandbox.id, "error": str(exc)},
+            )
+            continue
+        if backup is not None:
             queued += 1
     if queued:
         ctx.wake_dispatch.set()

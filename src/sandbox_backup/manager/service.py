@@ -13,7 +13,7 @@ from sandbox_backup.clock import Clock, SystemClock
 from sandbox_backup.config import Settings
 from sandbox_backup.coordination.base import Coordinator
 from sandbox_backup.coordination.factory import create_coordinator
-from sandbox_backup.manager import archive, cleanup, dispatch, drain, health, restore, scheduling, tracking
+from sandbox_backup.manager import archive, cleanup, dispatch, drain, health, restore, retention, scheduling, tracking, verification
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.manager.periodic import PeriodicJob
 from sandbox_backup.store import database
@@ -38,6 +38,8 @@ class BackupManager:
             PeriodicJob("restore", self.run_restores, interval_s=settings.restore_interval_s, coordinator=ctx.coordinator, wake=ctx.wake_restore, lock_ttl_s=60.0),
             PeriodicJob("archive", self.finish_archives, interval_s=settings.archive_interval_s, coordinator=ctx.coordinator, wake=ctx.wake_archive),
             PeriodicJob("drain", self.work_drains, interval_s=settings.drain_interval_s, coordinator=ctx.coordinator),
+            PeriodicJob("retention", self.prune, interval_s=settings.retention_interval_s, coordinator=ctx.coordinator),
+            PeriodicJob("verification", self.verify, interval_s=settings.verify_interval_s, coordinator=ctx.coordinator),
         ]
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -68,6 +70,12 @@ class BackupManager:
 
     async def work_drains(self) -> int:
         return await drain.work_drains(self.ctx)
+
+    async def prune(self) -> int:
+        return await retention.prune_all(self.ctx)
+
+    async def verify(self) -> int:
+        return await verification.verify_due(self.ctx)
 
     async def start(self) -> None:
         """Run the due checks once, then start every periodic job."""

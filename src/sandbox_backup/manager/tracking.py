@@ -13,6 +13,7 @@ import hmac
 import logging
 
 from sandbox_backup import errors
+from sandbox_backup.domain import reference
 from sandbox_backup.manager import attempts
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.runner.models import BackupReport, RunnerBackupState, SandboxInfo
@@ -28,9 +29,10 @@ class ReportRejected(errors.SandboxBackupError):
 
 async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report: BackupReport) -> bool:
     """Apply a runner's report; return False when it does not match the attempt the sandbox awaits."""
+    _check_report(report)
     async with ctx.db.transaction() as session:
         runner = await fleet.get_runner(session, runner_id)
-        if runner is None or not hmac.compare_digest(runner.token.encode(), token.encode()):
+        if runner is None or not token or not hmac.compare_digest(runner.token.encode(), token.encode()):
             raise ReportRejected(f"report for runner {runner_id!r} rejected: unknown runner or wrong token")
         backup = await backups.find_awaited(session, sandbox_id=report.sandbox_id, runner_id=runner_id, image_ref=report.snapshot)
 
@@ -48,6 +50,21 @@ async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report:
         await attempts.fail_attempt(ctx, backup, reason=reason, transient=report.recoverable)
         return True
     return False
+
+
+MAX_SIZE_BYTES = 2**63 - 1
+
+
+def _check_report(report: BackupReport) -> None:
+    """Reject a report whose values could not have come from a real backup."""
+    reference.validate_sandbox_id(report.sandbox_id)
+    reference.parse_reference(report.snapshot)
+    if report.digest is not None and not reference.DIGEST_RE.fullmatch(report.digest):
+        raise errors.InvalidInput(f"report digest {report.digest!r} is not a digest like sha256:<hex>")
+    if report.size_bytes is not None and not 0 <= report.size_bytes <= MAX_SIZE_BYTES:
+        raise errors.InvalidInput(f"report sizeBytes {report.size_bytes} is out of range 0..{MAX_SIZE_BYTES}")
+    if report.error is not None and "\x00" in report.error:
+        raise errors.InvalidInput("report error text contains a NUL character")
 
 
 async def sync_progress(ctx: ManagerContext) -> int:

@@ -1,8 +1,8 @@
 """Verification: check that a COMPLETED backup is still whole in its registry.
 
-A backup verifies when its tag still resolves to the manifest digest recorded at completion and
-every blob that manifest needs is present: the config blob and each layer blob, and for an index
-each child manifest with its own blobs. A definite failure marks the backup broken, which is
+A backup verifies when its tag still resolves to the manifest digest recorded at completion, and
+every blob that manifest needs is present. Those are the config blob and each layer blob, and for
+an index each child manifest with its own blobs. A definite failure marks the backup broken, which is
 final: restore and retention skip it from then on. When the registry cannot tell (unreachable,
 5xx, credentials refused, or an answer that breaks the spec), nothing is written.
 """
@@ -25,9 +25,9 @@ from sandbox_backup.store.models import Backup, Registry
 
 logger = logging.getLogger(__name__)
 
-# An index of indexes is allowed this deep; backups are single images, so this only stops a loop.
+# Max nesting of indexes. Backups are single images, so the limit only stops a malformed loop.
 MAX_INDEX_DEPTH = 3
-# Problems named in a broken reason; the rest are counted.
+# Problems named in a broken reason. The rest are only counted.
 MAX_PROBLEMS_NAMED = 5
 
 
@@ -39,7 +39,7 @@ class VerifyOutcome(str, enum.Enum):
 
 @dataclasses.dataclass
 class _Inspection:
-    """What walking a manifest found: missing parts, and the layers with their sizes."""
+    """Findings of a walk over a manifest: missing parts, and the layers with their sizes."""
 
     problems: list[str] = dataclasses.field(default_factory=list)
     layer_sizes: dict[str, int | None] = dataclasses.field(default_factory=dict)
@@ -48,7 +48,7 @@ class _Inspection:
 
     @property
     def size_bytes(self) -> int | None:
-        """Bytes of the distinct layer blobs, as the descriptors state them; None if one has no size."""
+        """Bytes of the distinct layer blobs as the descriptors state them, or None if one has no size."""
         sizes = list(self.layer_sizes.values())
         if any(size is None for size in sizes):
             return None
@@ -58,8 +58,8 @@ class _Inspection:
 @dataclasses.dataclass(frozen=True)
 class _Result:
     outcome: VerifyOutcome
-    # True when the registry could not be reached or refused the credentials, so the rest of a
-    # pass skips its backups.
+    # True when the registry could not be reached, rejected the credentials or is no longer
+    # registered, so the rest of a pass skips its backups.
     registry_unreachable: bool = False
 
 
@@ -163,7 +163,7 @@ def _reference_problem(backup: Backup) -> str | None:
 
 
 async def _inspect(ctx: ManagerContext, registry: Registry, backup: Backup) -> _Inspection:
-    """Fetch the backup's tag and walk its manifest; raises RegistryError when the registry cannot tell."""
+    """Fetch the backup's tag and walk its manifest. Raises RegistryError when the registry cannot tell."""
     parsed = reference.parse_reference(backup.image_ref)
     repository, tag = parsed.repository, parsed.tag or ""
     inspection = _Inspection()
@@ -215,7 +215,7 @@ async def _check_image(client: RegistryClient, repository: str, manifest: Manife
 
 
 async def _check_blob(client: RegistryClient, repository: str, digest: str, kind: str, inspection: _Inspection) -> None:
-    # Images of one index often share blobs; one HEAD per blob is enough.
+    # Images of one index often share blobs, and one HEAD request per blob is enough.
     if digest in inspection.checked_blobs:
         return
     inspection.checked_blobs.add(digest)
@@ -262,6 +262,6 @@ async def _record_broken(ctx: ManagerContext, backup: Backup, reason: str) -> _R
 
 def _log_unknown(backup: Backup, error: str) -> None:
     logger.warning(
-        "could not verify the backup: the registry could not tell; will try again at the next pass",
+        "could not verify the backup because the registry could not tell; the next pass tries again",
         extra={"action": "verify_unknown", "backup_id": backup.id, "sandbox_id": backup.sandbox_id, "registry_id": backup.registry_id, "error": error},
     )

@@ -122,10 +122,6 @@ class BackupJobs:
         # Export files of a flatten go next to the state file, on the agent's own disk.
         self._temp_dir = store.path.parent
         self._running: dict[str, _Attempt] = {}
-        # Sandbox id -> (attempt id, layer count of the image that attempt pushed).
-        # NOTE: kept in memory only, because the state store has no column for it: after a
-        # restart, GET /sandboxes/{id} shows no layer count until the next completed backup.
-        self._layer_counts: dict[str, tuple[str, int]] = {}
 
     async def request_backup(self, sandbox_id: str, request: CreateBackupRequest) -> BackupRecord:
         """Start a backup of the sandbox's container to `request.snapshot` and return its record.
@@ -170,13 +166,6 @@ class BackupJobs:
             extra={"action": "backup_start", **attempt.log_extra},
         )
         return start.record
-
-    def layer_count(self, record: BackupRecord) -> int | None:
-        """Return the layer count of the image that the record's completed attempt pushed, if known."""
-        if record.state is not RunnerBackupState.COMPLETED:
-            return None
-        attempt_id, count = self._layer_counts.get(record.sandbox_id, ("", 0))
-        return count if attempt_id == record.attempt_id else None
 
     def recover_interrupted(self) -> list[BackupRecord]:
         """Mark attempts left IN_PROGRESS by an earlier process FAILED and report them.
@@ -335,7 +324,11 @@ class BackupJobs:
         """Write the outcome if the attempt is still the sandbox's current one; return the new row."""
         if outcome.state is RunnerBackupState.COMPLETED:
             written = self._store.complete_attempt(
-                attempt.sandbox_id, attempt.id, digest=outcome.digest, size_bytes=outcome.size_bytes
+                attempt.sandbox_id,
+                attempt.id,
+                digest=outcome.digest,
+                size_bytes=outcome.size_bytes,
+                layer_count=outcome.layer_count,
             )
         else:
             written = self._store.fail_attempt(
@@ -348,8 +341,6 @@ class BackupJobs:
                 "backup result for %s discarded: a newer attempt replaced it", attempt.request.snapshot, extra=extra
             )
             return None
-        if outcome.layer_count is not None:
-            self._layer_counts[attempt.sandbox_id] = (attempt.id, outcome.layer_count)
         logger.info("backup to %s finished: %s", attempt.request.snapshot, outcome.state.value, extra=extra)
         return self._store.get(attempt.sandbox_id)
 
@@ -365,7 +356,7 @@ class BackupJobs:
                 size_bytes=record.size_bytes,
                 error=record.error,
                 recoverable=record.recoverable,
-                layer_count=self.layer_count(record),
+                layer_count=record.layer_count,
             )
         )
 

@@ -1,4 +1,4 @@
-"""Container discovery: the agent tells the manager which sandboxes it holds, for fleets with no platform.
+"""Container discovery: the agent reports its sandboxes to the manager, for fleets with no platform.
 
 Every container that carries the agent's label (`container_label=true`) is a sandbox whose id
 is the container name. The agent sends the manager:
@@ -96,12 +96,12 @@ _INVENTORY = _InventoryRequest()
 
 def reported_labels(labels: dict[str, str]) -> dict[str, str]:
     """Return the labels that may be sent to the manager: sandbox-backup.* without credential-like keys."""
-    kept = {}
+    reported = {}
     for key, value in labels.items():
         lowered = key.lower()
         if lowered.startswith(REPORTED_LABEL_PREFIX) and not any(word in lowered for word in SECRET_KEY_WORDS):
-            kept[key] = value
-    return kept
+            reported[key] = value
+    return reported
 
 
 def describe(name: str, labels: dict[str, str], default_organization_id: str | None) -> SandboxMessage:
@@ -121,7 +121,10 @@ def inventory_state(container: ContainerView) -> str | None:
 
 
 class SandboxDiscovery:
-    """Keeps the manager's list of this runner's sandboxes current; start() and aclose() run on the agent's loop."""
+    """Reporter that keeps the manager's list of this runner's sandboxes current.
+
+    start() and aclose() must run on the agent's event loop.
+    """
 
     def __init__(self, settings: RunnerSettings, engine: DockerEngine) -> None:
         if not settings.manager_url:
@@ -136,10 +139,10 @@ class SandboxDiscovery:
         self._reconnect_delay_s = settings.event_reconnect_backoff_s
         self._link = _ManagerLink(settings.token, retries=settings.report_retries, backoff_s=settings.report_backoff_s)
 
-        # Unbounded so an inventory request always fits; _queue_event caps the events.
+        # Unbounded, so an inventory request always fits. _queue_event caps the number of events.
         self._outbox: asyncio.Queue[SandboxMessage | _InventoryRequest] = asyncio.Queue()
         self._inventory_queued = False
-        # Last event the manager accepted per sandbox, so the die and stop of one stop send one event.
+        # Last event the manager accepted per sandbox, so the die and stop events of one stop send one message.
         self._last_sent: dict[str, str] = {}
         self._warned_skips: set[str] = set()
         self._stream: _EngineEventStream | None = None
@@ -159,7 +162,7 @@ class SandboxDiscovery:
         )
 
     async def aclose(self) -> None:
-        """Stop the tasks and the event stream; messages not yet sent are dropped."""
+        """Stop the tasks and the event stream. Messages not yet sent are dropped."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -215,7 +218,7 @@ class SandboxDiscovery:
             delay = min(delay * 2, MAX_RECONNECT_DELAY_S)
 
     def _on_engine_event(self, event: dict[str, Any]) -> None:
-        """Turn one engine event into an outbox message; runs on the event loop."""
+        """Turn one engine event into an outbox message. Runs on the event loop."""
         action = str(event.get("Action") or event.get("status") or "")
         attributes = (event.get("Actor") or {}).get("Attributes") or {}
         name = str(attributes.get("name") or "")
@@ -235,11 +238,11 @@ class SandboxDiscovery:
 
     def _queue_event(self, message: SandboxMessage) -> None:
         if self._outbox.qsize() >= OUTBOX_SIZE:
-            # The inventory carries the state that the dropped event would have.
+            # The inventory is listed when it is sent, so it carries the state of every dropped event.
             if not self._inventory_queued:
                 logger.warning(
-                    "discovery outbox holds %d messages: the manager is slow or unreachable; events are dropped "
-                    "until an inventory is sent",
+                    "discovery outbox contains %d messages because the manager is slow or unreachable; new events "
+                    "are dropped and an inventory is queued to replace them",
                     OUTBOX_SIZE,
                     extra={"action": "discovery_outbox_full", "runner_id": self._runner_id},
                 )
@@ -276,7 +279,7 @@ class SandboxDiscovery:
             state = inventory_state(container)
             if state is not None:
                 entries.append(dataclasses.replace(describe(container.name, container.labels, self._default_organization_id), state=state))
-        result = await self._link.send("PUT", self._inventory_url, {"sandboxes": [entry.to_json() for entry in entries]}, what="inventory", extra=extra)
+        result = await self._link.send("PUT", self._inventory_url, {"sandboxes": [entry.to_json() for entry in entries]}, description="inventory", extra=extra)
         if result is None:
             return
 
@@ -288,7 +291,7 @@ class SandboxDiscovery:
         if self._last_sent.get(message.sandbox_id) == message.event:
             return
         extra = {"action": "discovery_event", "runner_id": self._runner_id, "sandbox_id": message.sandbox_id, "event": message.event}
-        result = await self._link.send("POST", self._events_url, message.to_json(), what=f"{message.event} event of {message.sandbox_id}", extra=extra)
+        result = await self._link.send("POST", self._events_url, message.to_json(), description=f"{message.event} event of {message.sandbox_id}", extra=extra)
         if result is None:
             self.request_inventory()
             return
@@ -317,7 +320,7 @@ class _EngineEventStream:
     """One connection to the engine's container events, read by a worker thread.
 
     `on_event` runs on the event loop for each decoded event. close() may be called at any
-    time, also while open() is still connecting in its thread.
+    time, also while open() is still connecting in its worker thread.
     """
 
     def __init__(self, docker_host: str, container_label: str, on_event: Callable[[dict[str, Any]], None]) -> None:
@@ -332,7 +335,7 @@ class _EngineEventStream:
         self._ended: asyncio.Future[str] | None = None
 
     async def open(self) -> None:
-        """Connect and start the reader thread; raise EngineError when the engine does not answer."""
+        """Connect and start the reader thread. Raise EngineError when the engine does not respond."""
         loop = asyncio.get_running_loop()
         self._ended = loop.create_future()
         try:
@@ -343,12 +346,12 @@ class _EngineEventStream:
         self._thread.start()
 
     async def wait_closed(self) -> str:
-        """Wait until the stream ends; return why it ended."""
+        """Wait until the stream ends and return the reason."""
         assert self._ended is not None, "open() must succeed before wait_closed()"
         return await self._ended
 
     def close(self) -> None:
-        """End the stream; the reader thread then ends on its own."""
+        """End the stream, which makes the reader thread end."""
         with self._guard:
             self._closed = True
             stream, self._stream = self._stream, None
@@ -364,7 +367,9 @@ class _EngineEventStream:
     def _connect(self) -> None:
         client = docker.APIClient(base_url=self._docker_host, version="auto", timeout=VERSION_CALL_TIMEOUT_S)
         try:
-            # docker-py reads the event stream with no timeout: it stays silent while nothing changes.
+            # docker-py 7 reads the event stream with no timeout, because it stays silent while nothing changes.
+            # NOTE: so a TCP connection to a remote engine that dies silently is never noticed here.
+            # Only the periodic inventory then keeps the manager current.
             stream = client.events(decode=True, filters=self._filters)
         except BaseException:
             client.close()
@@ -373,7 +378,7 @@ class _EngineEventStream:
             if not self._closed:
                 self._client, self._stream = client, stream
                 return
-        # close() ran while this thread was connecting, so nobody will read this stream.
+        # close() ran while this thread was connecting, so no reader thread will use this stream.
         _close_quietly(stream.close)
         client.close()
 
@@ -407,8 +412,8 @@ class _ManagerLink:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def send(self, method: str, url: str, body: dict[str, Any], *, what: str, extra: dict[str, Any]) -> dict[str, Any] | None:
-        """Send `body`, retrying transient failures; return the response body, or None once dropped."""
+    async def send(self, method: str, url: str, body: dict[str, Any], *, description: str, extra: dict[str, Any]) -> dict[str, Any] | None:
+        """Send `body` and retry transient failures. Return the response body, or None once dropped."""
         attempts = self._retries + 1
         delay = self._backoff_s
         for attempt in range(1, attempts + 1):
@@ -418,9 +423,9 @@ class _ManagerLink:
 
             message, retryable = outcome
             if not retryable or attempt == attempts:
-                logger.error("%s dropped after %d attempt(s): %s; the next inventory carries the state", what, attempt, message, extra=extra)
+                logger.error("%s dropped after %d attempt(s): %s; the next inventory carries the state", description, attempt, message, extra=extra)
                 return None
-            logger.warning("%s: attempt %d of %d failed: %s; retrying in %.1f s", what, attempt, attempts, message, delay, extra=extra)
+            logger.warning("%s: attempt %d of %d failed: %s; retrying in %.1f s", description, attempt, attempts, message, delay, extra=extra)
             await asyncio.sleep(delay)
             delay *= 2
         return None
@@ -448,7 +453,7 @@ def _close_quietly(close: Callable[[], None]) -> None:
     try:
         close()
     except (OSError, docker.errors.DockerException, AttributeError) as exc:
-        # The socket is already gone: there is nothing left to close.
+        # The socket is already closed, so there is nothing left to close.
         logger.debug("closing the engine event stream failed: %s", exc, extra={"action": "discovery_close"})
 
 
@@ -461,7 +466,7 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *
     try:
         loop.call_soon_threadsafe(callback, *args)
     except RuntimeError:
-        pass  # the loop is closed: nobody waits for this stream any more
+        pass  # the loop is closed, so no coroutine waits for this stream any more
 
 
 def _log_task_end(task: asyncio.Task[Any]) -> None:

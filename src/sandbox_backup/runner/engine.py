@@ -26,7 +26,13 @@ import requests
 from sandbox_backup import errors
 from sandbox_backup.domain.reference import parse_reference
 from sandbox_backup.runner.failures import FailureKind, RegistryTransferError
-from sandbox_backup.runner.flatten import FlattenMethod, ImageFlattener, count_layers, remove_image_quietly
+from sandbox_backup.runner.flatten import (
+    FlattenError,
+    FlattenMethod,
+    ImageFlattener,
+    count_layers,
+    remove_image_quietly,
+)
 from sandbox_backup.runner.push_stream import StreamAbort, decode_stream, read_pull_stream, read_push_stream
 
 logger = logging.getLogger(__name__)
@@ -257,7 +263,13 @@ class DockerEngine:
         self, image: CommittedImage, sandbox_id: str, temp_dir: pathlib.Path, abort: StreamAbort
     ) -> FlattenedImage:
         flattener = ImageFlattener(self._transfer, temp_dir, timeout_s=self._transfer_timeout_s)
-        image_id, method = flattener.flatten(image.id, abort, sandbox_id=sandbox_id)
+        try:
+            image_id, method = flattener.flatten(image.id, abort, sandbox_id=sandbox_id)
+        except docker.errors.APIError as exc:
+            raise FlattenError(
+                f"flattening of image {image.id} ({image.layer_count} layers) failed: {exc.explanation or exc}",
+                transient=(exc.status_code or 500) >= 500,
+            ) from exc
 
         parsed = parse_reference(image.reference)
         try:

@@ -12,10 +12,12 @@ started, so the engine copies the image's whole configuration into it:
 
 1. Squash commit: commit that container with `squash=true`. Podman's compatible /commit
    accepts this parameter (checked on 4.3.1) and writes one layer with the configuration
-   of the image, including the healthcheck, which Podman's compatible inspect leaves out.
-2. Export and import, for engines that ignore `squash` (Docker Engine's /commit has no
-   such parameter): export the container's filesystem into a temporary file and import
-   it with the configuration written as Dockerfile instructions (`changes`).
+   of the image, including the healthcheck and shell, which Podman's compatible inspect
+   leaves out.
+2. Export and import, for engines that ignore `squash` (Docker Engine's /commit reads no
+   such parameter, see moby's api/server/router/container/container_routes.go): export
+   the container's filesystem into a temporary file and import it with the configuration
+   written as Dockerfile instructions (`changes`), which cannot express SHELL.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ class ImageFlattener:
         config = self._api.inspect_image(image_id).get("Config") or {}
         container_id = self._create_source_container(image_id, sandbox_id)
         try:
-            squashed_id = self._squash_commit(container_id)
-            if count_layers(self._api.inspect_image(squashed_id)) == 1:
+            squashed_id = self._squash(container_id, extra)
+            if squashed_id is not None:
                 return squashed_id, FlattenMethod.SQUASH
 
             logger.info(
@@ -83,12 +85,29 @@ class ImageFlattener:
                 image_id,
                 extra=extra,
             )
-            self._remove_image(squashed_id, extra)
             if abort.aborted:
                 raise FlattenError(f"flattening of image {image_id} was aborted")
-            return export_and_import(self._api, container_id, config, self._temp_dir, abort), FlattenMethod.EXPORT_IMPORT
+            imported_id = export_and_import(self._api, container_id, config, self._temp_dir, abort)
+            return imported_id, FlattenMethod.EXPORT_IMPORT
         finally:
             self._remove_container(container_id, extra)
+
+    def _squash(self, container_id: str, extra: dict[str, str]) -> str | None:
+        """Commit the container with squash=true; return the image id, or None if the engine ignored squash.
+
+        An image with more than one layer means the engine ignored squash: it is removed.
+        """
+        squashed_id = self._squash_commit(container_id)
+        try:
+            squashed_layers = count_layers(self._api.inspect_image(squashed_id))
+        except BaseException:
+            self._remove_image(squashed_id, extra)
+            raise
+
+        if squashed_layers == 1:
+            return squashed_id
+        self._remove_image(squashed_id, extra)
+        return None
 
     def _create_source_container(self, image_id: str, sandbox_id: str) -> str:
         # No labels: a commit writes the container's labels into the image. The network is

@@ -124,7 +124,7 @@ class SandboxInfo(_CamelModel):
     daemon_version: str | None = None
     backup_digest: str | None = None
     backup_size_bytes: int | None = None
-    # Number of layers of the pushed image; absent when no push completed since the agent started.
+    # Number of layers of the pushed image, set for a COMPLETED backup.
     backup_layer_count: int | None = None
 
 

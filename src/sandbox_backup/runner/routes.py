@@ -61,7 +61,7 @@ async def get_sandbox(sandbox_id: SandboxId, context: Context) -> SandboxInfo:
         daemon_version=daemon_version,
         backup_digest=record.digest,
         backup_size_bytes=record.size_bytes,
-        backup_layer_count=context.jobs.layer_count(record),
+        backup_layer_count=record.layer_count,
     )
 
 

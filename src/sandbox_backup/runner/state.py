@@ -33,11 +33,15 @@ CREATE TABLE IF NOT EXISTS sandbox_backup (
     recoverable INTEGER NOT NULL DEFAULT 0,
     digest      TEXT,
     size_bytes  INTEGER,
-    updated_at  TEXT NOT NULL
+    updated_at  TEXT NOT NULL,
+    layer_count INTEGER
 )
 """
 
-_COLUMNS = "sandbox_id, state, snapshot, attempt_id, error, recoverable, digest, size_bytes, updated_at"
+# Columns added after the first release, with their types: opening an older state file adds them.
+_ADDED_COLUMNS = {"layer_count": "INTEGER"}
+
+_COLUMNS = "sandbox_id, state, snapshot, attempt_id, error, recoverable, digest, size_bytes, updated_at, layer_count"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,8 @@ class BackupRecord:
     digest: str | None
     size_bytes: int | None
     updated_at: str
+    # Number of layers of the pushed image, for a COMPLETED attempt.
+    layer_count: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +81,7 @@ class BackupStateStore:
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.execute("PRAGMA synchronous=NORMAL")
         self._connection.execute(_SCHEMA)
+        self._add_missing_columns()
 
     def close(self) -> None:
         with self._lock:
@@ -113,7 +120,7 @@ class BackupStateStore:
                 " size_bytes, updated_at) VALUES (?, ?, ?, ?, NULL, 0, NULL, NULL, ?)"
                 " ON CONFLICT (sandbox_id) DO UPDATE SET state = excluded.state, snapshot = excluded.snapshot,"
                 " attempt_id = excluded.attempt_id, error = NULL, recoverable = 0, digest = NULL,"
-                " size_bytes = NULL, updated_at = excluded.updated_at",
+                " size_bytes = NULL, updated_at = excluded.updated_at, layer_count = NULL",
                 (sandbox_id, RunnerBackupState.IN_PROGRESS.value, snapshot, attempt_id, now),
             )
         record = BackupRecord(
@@ -129,7 +136,15 @@ class BackupStateStore:
         )
         return AttemptStart(started=True, record=record, replaced=current)
 
-    def complete_attempt(self, sandbox_id: str, attempt_id: str, *, digest: str | None, size_bytes: int | None) -> bool:
+    def complete_attempt(
+        self,
+        sandbox_id: str,
+        attempt_id: str,
+        *,
+        digest: str | None,
+        size_bytes: int | None,
+        layer_count: int | None = None,
+    ) -> bool:
         """Mark the attempt COMPLETED; return False when a newer attempt replaced it."""
         return self._finish(
             sandbox_id,
@@ -139,6 +154,7 @@ class BackupStateStore:
             recoverable=False,
             digest=digest,
             size_bytes=size_bytes,
+            layer_count=layer_count,
         )
 
     def fail_attempt(self, sandbox_id: str, attempt_id: str, *, error: str, recoverable: bool) -> bool:
@@ -151,6 +167,7 @@ class BackupStateStore:
             recoverable=recoverable,
             digest=None,
             size_bytes=None,
+            layer_count=None,
         )
 
     def fail_interrupted(self) -> list[BackupRecord]:
@@ -184,17 +201,19 @@ class BackupStateStore:
         recoverable: bool,
         digest: str | None,
         size_bytes: int | None,
+        layer_count: int | None,
     ) -> bool:
         with self._lock:
             cursor = self._connection.execute(
                 "UPDATE sandbox_backup SET state = ?, error = ?, recoverable = ?, digest = ?, size_bytes = ?,"
-                " updated_at = ? WHERE sandbox_id = ? AND attempt_id = ? AND state = ?",
+                " layer_count = ?, updated_at = ? WHERE sandbox_id = ? AND attempt_id = ? AND state = ?",
                 (
                     state.value,
                     error,
                     int(recoverable),
                     digest,
                     size_bytes,
+                    layer_count,
                     _now(),
                     sandbox_id,
                     attempt_id,
@@ -202,6 +221,13 @@ class BackupStateStore:
                 ),
             )
         return cursor.rowcount == 1
+
+    def _add_missing_columns(self) -> None:
+        with self._lock:
+            present = {row[1] for row in self._connection.execute("PRAGMA table_info(sandbox_backup)")}
+            for name, column_type in _ADDED_COLUMNS.items():
+                if name not in present:
+                    self._connection.execute(f"ALTER TABLE sandbox_backup ADD COLUMN {name} {column_type}")
 
 
 @contextlib.contextmanager
@@ -217,7 +243,7 @@ def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
 
 
 def _record(row: tuple) -> BackupRecord:
-    sandbox_id, state, snapshot, attempt_id, error, recoverable, digest, size_bytes, updated_at = row
+    sandbox_id, state, snapshot, attempt_id, error, recoverable, digest, size_bytes, updated_at, layer_count = row
     return BackupRecord(
         sandbox_id=sandbox_id,
         state=RunnerBackupState(state),
@@ -228,6 +254,7 @@ def _record(row: tuple) -> BackupRecord:
         digest=digest,
         size_bytes=size_bytes,
         updated_at=updated_at,
+        layer_count=layer_count,
     )
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sandbox_backup.domain import reference
 from sandbox_backup.domain.retry import RetryDecision
 from sandbox_backup.domain.schedule import IN_FLIGHT, STATE_PRIORITY
-from sandbox_backup.domain.states import SCHEDULABLE_RUNNER_STATES, BackupState, BackupTrigger, SandboxBackupState, SandboxState
+from sandbox_backup.domain.states import BACKUP_SOURCE_STATES, SCHEDULABLE_RUNNER_STATES, BackupState, BackupTrigger, SandboxBackupState, SandboxState
 from sandbox_backup.store import guards
 from sandbox_backup.store.models import Backup, Registry, Runner, Sandbox
 
@@ -59,6 +59,8 @@ async def create_attempt(
     The registry is pinned to the sandbox at its first attempt, so its whole history stays in one
     registry. Raises InvalidReference when the sandbox id cannot form an image reference.
     """
+    if sandbox.state not in BACKUP_SOURCE_STATES or sandbox.desired_state == SandboxState.DESTROYED:
+        return None
     image_ref = reference.build_backup_reference(registry.url, registry.project, sandbox.id, now)
     backup = Backup(
         id=str(uuid.uuid4()),
@@ -86,7 +88,11 @@ async def create_attempt(
         session,
         Sandbox,
         sandbox.id,
-        expected={"version": sandbox.version, "backup_state": [s for s in SandboxBackupState if s not in IN_FLIGHT]},
+        expected={
+            "version": sandbox.version,
+            "state": list(BACKUP_SOURCE_STATES),
+            "backup_state": [s for s in SandboxBackupState if s not in IN_FLIGHT],
+        },
         values={
             "backup_state": SandboxBackupState.PENDING,
             "current_backup_id": backup.id,
@@ -285,7 +291,8 @@ async def fail(
 
     sandbox = await session.get(Sandbox, backup.sandbox_id, populate_existing=True)
     registry = await session.get(Registry, backup.registry_id)
-    if decision.retry and sandbox is not None and registry is not None and sandbox.current_backup_id == backup.id:
+    destroyed = sandbox is None or SandboxState.DESTROYED in (sandbox.state, sandbox.desired_state)
+    if decision.retry and not destroyed and registry is not None and sandbox.current_backup_id == backup.id:
         retry = await _queue_retry(session, sandbox, backup, registry, decision=decision, now=now)
         if retry is not None:
             return True, retry
@@ -337,7 +344,19 @@ async def cancel_pending(session: AsyncSession, sandbox_id: str, *, reason: str,
         .values(state=BackupState.ERROR, error_reason=reason, error_transient=False, completed_at=now, updated_at=now, version=Backup.version + 1)
     )
     result = await session.execute(statement, execution_options={"synchronize_session": False})
+    if result.rowcount:
+        mirror = (
+            sa.update(Sandbox)
+            .where(Sandbox.id == sandbox_id, Sandbox.backup_state == SandboxBackupState.PENDING)
+            .values(backup_state=SandboxBackupState.ERROR, last_attempt_ended_at=now, updated_at=now, version=Sandbox.version + 1)
+        )
+        await session.execute(mirror, execution_options={"synchronize_session": False})
     return result.rowcount
+
+
+async def in_progress_count(session: AsyncSession, sandbox_id: str) -> int:
+    statement = sa.select(sa.func.count()).select_from(Backup).where(Backup.sandbox_id == sandbox_id, Backup.state == BackupState.IN_PROGRESS)
+    return (await session.execute(statement)).scalar_one()
 
 
 async def open_attempt_count(session: AsyncSession, sandbox_id: str) -> int:

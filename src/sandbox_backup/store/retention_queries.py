@@ -1,6 +1,6 @@
 """Queries for retention and verification of COMPLETED backups.
 
-A backup here is a COMPLETED row of `backups`; `deleted_at` set means its manifest deletion is
+A backup here is a COMPLETED row of `backups`. Once `deleted_at` is set, its manifest deletion is
 queued and the row is only history. Every write is guarded, so a lost race changes nothing.
 """
 
@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from sandbox_backup.domain.states import OPEN_RESTORE_STATES, BackupState
 from sandbox_backup.store import guards
-from sandbox_backup.store.models import Backup, Restore
+from sandbox_backup.store.models import Backup, Restore, Sandbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ def _used_by_open_restore() -> sa.Exists:
 
 
 async def sandboxes_with_backups(session: AsyncSession, *, after: str | None, limit: int) -> list[str]:
-    """Ids of sandboxes with live backups, in id order after `after` (keyset pagination)."""
+    """Return the ids of sandboxes with live backups, in id order after `after` (keyset pagination)."""
     statement = sa.select(Backup.sandbox_id).where(*_live()).group_by(Backup.sandbox_id).order_by(Backup.sandbox_id).limit(limit)
     if after is not None:
         statement = statement.where(Backup.sandbox_id > after)
@@ -48,19 +48,31 @@ async def sandboxes_with_backups(session: AsyncSession, *, after: str | None, li
 
 
 async def live_backups(session: AsyncSession, sandbox_id: str) -> list[Backup]:
-    """COMPLETED, not deleted backups of one sandbox, newest first."""
+    """Return the COMPLETED, not deleted backups of one sandbox, newest first."""
     statement = sa.select(Backup).where(Backup.sandbox_id == sandbox_id, *_live()).order_by(Backup.completed_at.desc(), Backup.id.desc())
     return list((await session.execute(statement)).scalars())
 
 
 async def protected_backup_ids(session: AsyncSession, sandbox_id: str) -> set[str]:
-    """Ids of the sandbox's live backups that an open restore uses or was asked to use."""
+    """Return the ids of the sandbox's live backups that an open restore uses or was asked to use."""
     statement = sa.select(Backup.id).where(Backup.sandbox_id == sandbox_id, *_live(), _used_by_open_restore())
     return set((await session.execute(statement)).scalars())
 
 
+async def lock_sandbox_for_pruning(session: AsyncSession, sandbox_id: str) -> None:
+    """Lock the sandbox row until the transaction ends, so two pruners of one sandbox take turns.
+
+    Each pruner then reads the other's deletions when it checks which digests are still in use.
+    Without the lock, two pruners that delete the two last backups sharing a digest would each
+    find the other's backup still live, and neither would queue the digest. SQLite needs no lock
+    because it runs one write transaction at a time.
+    """
+    if session.bind.dialect.name == "postgresql":
+        await session.execute(sa.select(Sandbox.id).where(Sandbox.id == sandbox_id).with_for_update())
+
+
 async def mark_deleted(session: AsyncSession, backup_id: str, *, now: datetime.datetime) -> bool:
-    """Set `deleted_at` on a live backup; False when it is already deleted or a restore uses it.
+    """Set `deleted_at` on a live backup. Returns False when it is already deleted or a restore uses it.
 
     The restore check is part of the UPDATE, so a restore recorded after the plan was made still
     saves its backup.
@@ -75,7 +87,7 @@ async def mark_deleted(session: AsyncSession, backup_id: str, *, now: datetime.d
 
 
 async def manifest_uses(session: AsyncSession, digests: Collection[str]) -> list[ManifestUse]:
-    """Live backups, of any sandbox, whose manifest digest is one of `digests`."""
+    """Return the live backups, of any sandbox, whose manifest digest is one of `digests`."""
     if not digests:
         return []
     statement = sa.select(Backup.id, Backup.registry_id, Backup.image_ref, Backup.manifest_digest).where(
@@ -92,7 +104,7 @@ async def due_for_verification(
     skip_ids: Collection[str] = (),
     skip_registry_ids: Collection[str] = (),
 ) -> list[Backup]:
-    """Live, unbroken backups never verified or last verified before `verified_before`.
+    """Return live, unbroken backups never verified or last verified before `verified_before`.
 
     Never verified ones come first, then the least recently verified, then the oldest.
     """
@@ -116,7 +128,7 @@ async def due_for_verification(
 async def record_verified(
     session: AsyncSession, backup: Backup, *, size_bytes: int | None, layer_count: int, now: datetime.datetime
 ) -> bool:
-    """Record a successful verification; `size_bytes` None keeps the size stored before."""
+    """Record a successful verification. A `size_bytes` of None keeps the size stored before."""
     values: dict[str, object] = {"verified_at": now, "layer_count": layer_count, "updated_at": now}
     if size_bytes is not None:
         values["size_bytes"] = size_bytes
@@ -124,7 +136,7 @@ async def record_verified(
 
 
 async def record_broken(session: AsyncSession, backup: Backup, *, reason: str, now: datetime.datetime) -> bool:
-    """Mark a backup broken; restore and retention skip it from then on."""
+    """Mark a backup broken. Restore and verification skip it from then on, and retention deletes it."""
     values = {"broken_at": now, "broken_reason": reason, "updated_at": now}
     return await guards.guarded_update(session, Backup, backup.id, expected=_unchanged(backup), values=values, action="record_broken")
 

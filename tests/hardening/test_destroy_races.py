@@ -1,8 +1,4 @@
-"""Destroyed sandboxes: no attempt may outlive the destroy, and the owed deletion must run.
-
-Each test here fails today because of a product bug; the comment above each assert states the
-correct behaviour.
-"""
+"""Destroyed sandboxes: no attempt may outlive the destroy, and the owed deletion must run."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ import httpx
 from sandbox_backup.domain.states import BackupState, SandboxState
 from sandbox_backup.manager import lifecycle, scheduling
 from sandbox_backup.manager.service import BackupManager
-from tests.breaker.helpers import claim_all, cleanup_tasks, get_sandbox, history, open_attempts, post_report
+from tests.hardening.helpers import claim_all, cleanup_tasks, get_sandbox, history, open_attempts, post_report
 from tests.fixtures.manager import add_registry, add_runner, add_sandbox
 
 
@@ -34,14 +30,11 @@ async def test_retry_after_destroy_blocks_cleanup(manager: BackupManager, api: h
     failure = {"sandboxId": "sb-1", "snapshot": attempt.image_ref, "state": "FAILED", "error": "container removed", "recoverable": True}
     assert (await post_report(api, "r1", failure)).status_code == 202
 
-    # Correct: a destroyed sandbox is never backed up again, so the failure queues no retry.
-    # Today fail() queues a PENDING retry that dispatch skips (the sandbox is DESTROYED) and that
-    # nothing cancels, so it stays PENDING forever.
+    # A destroyed sandbox is never backed up again, so the failure queues no retry.
     assert [b.state for b in await history(manager, "sb-1")] == [BackupState.ERROR]
     assert await open_attempts(manager, "sb-1") == 0
 
-    # Correct: with no attempt in flight the owed repository deletion runs. Today the cleanup
-    # waits for the everlasting PENDING retry and never deletes the repository.
+    # Cleanup waits while an attempt is open. With none left, the owed repository deletion runs.
     await manager.work_cleanup()
     tasks = await cleanup_tasks(manager, "sb-1")
     assert [task.done_at is not None for task in tasks] == [True]
@@ -51,8 +44,8 @@ async def test_backup_request_racing_destroy(manager: BackupManager, api: httpx.
     await _one_sandbox(manager, open_registry_server.url)
 
     # Force the interleaving that asyncio.gather(destroyed event, backup request) produces on
-    # SQLite every time: request_backup has checked the sandbox, then the destroy event runs to
-    # its end, then request_backup queues under the sandbox lock without checking again.
+    # SQLite every time. request_backup has checked the sandbox, then the destroy event runs to
+    # its end, then queue_backup runs, so it must check the sandbox again under the sandbox lock.
     original_queue_backup = scheduling.queue_backup
 
     async def destroy_then_queue(ctx, sandbox_id, trigger, *, wait_for_lock):  # type: ignore[no-untyped-def]
@@ -64,8 +57,7 @@ async def test_backup_request_racing_destroy(manager: BackupManager, api: httpx.
     monkeypatch.setattr(scheduling, "queue_backup", original_queue_backup)
 
     assert (await get_sandbox(manager, "sb-1")).state == SandboxState.DESTROYED
-    # Correct: nothing is queued for the destroyed sandbox and the request gets a 409 response.
-    # Today it returns 202 with a PENDING attempt that is never dispatched nor cancelled.
+    # Nothing is queued for the destroyed sandbox and the request gets a 409 response.
     assert await open_attempts(manager, "sb-1") == 0
     assert response.status_code == 409
 
@@ -74,7 +66,7 @@ async def test_due_check_racing_destroy(manager: BackupManager, open_registry_se
     await _one_sandbox(manager, open_registry_server.url)
 
     # The destroy event lands between the due scan (which saw a STARTED sandbox) and the queue
-    # step. queue_backup takes the sandbox lock but does not check the sandbox again.
+    # step, so queue_backup must check the sandbox again under the sandbox lock.
     original_queue_backup = scheduling.queue_backup
 
     async def destroy_then_queue(ctx, sandbox_id, trigger, *, wait_for_lock):  # type: ignore[no-untyped-def]
@@ -85,11 +77,11 @@ async def test_due_check_racing_destroy(manager: BackupManager, open_registry_se
     await manager.check_running_due()
     monkeypatch.setattr(scheduling, "queue_backup", original_queue_backup)
 
-    # Correct: no attempt exists for the destroyed sandbox, so the owed deletion can run.
+    # No attempt exists for the destroyed sandbox; it never had a backup, so nothing is owed.
     assert await open_attempts(manager, "sb-1") == 0
+    assert await history(manager, "sb-1") == []
     await manager.work_cleanup()
-    tasks = await cleanup_tasks(manager, "sb-1")
-    assert [task.done_at is not None for task in tasks] == [True]
+    assert all(task.done_at is not None for task in await cleanup_tasks(manager, "sb-1"))
 
 
 async def test_destroy_leaves_backup_state_pending(manager: BackupManager, api: httpx.AsyncClient, open_registry_server) -> None:  # type: ignore[no-untyped-def]
@@ -103,9 +95,7 @@ async def test_destroy_leaves_backup_state_pending(manager: BackupManager, api: 
     assert current.id == body["currentBackupId"]
     assert current.state == BackupState.ERROR
 
-    # Correct: the sandbox shows its current attempt's state, here ERROR (cancelled by destroy).
-    # Today cancel_pending ends the attempt but leaves the sandbox row at PENDING, which also
-    # makes every due check skip the sandbox as "in flight" from then on.
+    # The sandbox shows its current attempt's state, here ERROR because the destroy cancelled it.
     assert body["backupState"] == "ERROR"
 
 
@@ -116,7 +106,6 @@ async def test_event_after_destroy_revives_state(manager: BackupManager, api: ht
     # A "started" event delayed in the platform's queue arrives after "destroyed".
     late = await api.post("/api/v1/sandboxes/sb-1/events", json={"type": "started"})
 
-    # Correct: DESTROYED is final, so a late event is rejected (409) or ignored and never
-    # overwrites it. Today handle_event moves the sandbox back to STARTED.
+    # DESTROYED is final, so a late event is rejected (409) or ignored and never overwrites it.
     assert late.status_code in (200, 409)
     assert (await get_sandbox(manager, "sb-1")).state == SandboxState.DESTROYED

@@ -1,4 +1,4 @@
-"""Shared steps of the breaker tests: claim attempts without a runner, post reports, read rows."""
+"""Shared steps of the hardening tests: claim attempts without a runner, post reports, read rows."""
 
 from __future__ import annotations
 
