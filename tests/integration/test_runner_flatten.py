@@ -238,7 +238,7 @@ def start_agent(engine: PodmanEngine, state_dir: Path, **overrides: Any) -> Runn
 
 
 class RecordCollector(logging.Handler):
-    """Keeps the `image_flattened` records that the agent thread logs."""
+    """Log handler that keeps the `image_flattened` records of the agent thread."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -267,7 +267,7 @@ def deep_image(podman_engine: PodmanEngine) -> Iterator[str]:
     layer_ids = commit_layers(podman_engine, podman_engine.mini_image, LAYER_COMMANDS)
     tag = build_config_image(podman_engine, layer_ids[-1])
     yield tag
-    # Removing the tag also prunes the untagged layer images, and Podman 4.3 answers the
+    # Removing the tag also prunes the untagged layer images, and Podman 4.3 responds to the
     # removal of a missing bare id with status 500, so only the remaining ones are removed.
     remove_images(podman_engine, [tag])
     remaining = image_ids(podman_engine)
@@ -338,7 +338,7 @@ def flattened_backup(
 # Flattening above the threshold.
 
 
-def test_deep_image_is_pushed_as_one_layer(flattened_backup: FlattenedBackup) -> None:
+def test_deep_image_pushed_as_one_layer(flattened_backup: FlattenedBackup) -> None:
     assert flattened_backup.plain_info["backupState"] == "COMPLETED", flattened_backup.plain_info
     assert flattened_backup.flat_info["backupState"] == "COMPLETED", flattened_backup.flat_info
 
@@ -504,7 +504,7 @@ def test_layer_count_survives_restart(
     assert after == info
 
 
-def test_state_file_without_layer_count_is_upgraded(tmp_path: Path) -> None:
+def test_old_state_file_gains_layer_count(tmp_path: Path) -> None:
     path = tmp_path / "old-state.sqlite3"
     with sqlite3.connect(path) as connection:
         connection.execute(
@@ -585,7 +585,7 @@ def commit_without_squash(self: Any, container_id: str) -> str:
     return str(self._api.commit(container_id)["Id"])
 
 
-def test_engine_without_squash_falls_back_to_export(
+def test_ignored_squash_uses_export_import(
     runner_agent_factory: Any,
     sandbox_of: Callable[[str], Any],
     podman_engine: PodmanEngine,
@@ -666,7 +666,7 @@ def test_failed_import_cleans_up(
     assert temp_files(agent) == []
 
 
-def test_import_rejected_by_engine_removes_temp_file(
+def test_rejected_import_removes_temp_file(
     podman_engine: PodmanEngine, deep_image: str, tmp_path: Path
 ) -> None:
     api = podman_engine.client.api
@@ -700,7 +700,7 @@ def test_aborted_export_removes_temp_file(podman_engine: PodmanEngine, deep_imag
     assert list(tmp_path.iterdir()) == []
 
 
-def test_stale_temp_files_are_removed_on_start(runner_agent_factory: Any, tmp_path: Path) -> None:
+def test_stale_temp_files_removed_on_start(runner_agent_factory: Any, tmp_path: Path) -> None:
     stale = tmp_path / f"{TEMP_FILE_PREFIX}left-behind.tar"
     stale.write_bytes(b"partial export")
     unrelated = tmp_path / "keep-me.tar"
@@ -800,7 +800,7 @@ def restore_through_agent(agent: RunnerAgent, sandbox_id: str, registry: Registr
 
 
 @pytest.mark.slow
-def test_many_backup_restore_cycles_stay_below_layer_limit(
+def test_backup_restore_cycles_stay_shallow(
     runner_agent_factory: Any,
     podman_engine: PodmanEngine,
     registry_server: RegistryServer,
@@ -867,7 +867,6 @@ def report_cycle_timings(timings: list[CycleTiming], total_s: float, flatten_s: 
         block = timings[start : start + 10]
         backup_s = sum(timing.backup_s for timing in block) / len(block)
         restore_s = sum(timing.restore_s for timing in block) / len(block)
-        print(
-            f"cycles {start + 1:3d}-{start + len(block):3d}: layers {block[0].layer_count:3d}-{block[-1].layer_count:3d},"
-            f" backup {backup_s:.2f} s, restore {restore_s:.2f} s per cycle"
-        )
+        cycles = f"{start + 1:3d}-{start + len(block):3d}"
+        layers = f"{block[0].layer_count:3d}-{block[-1].layer_count:3d}"
+        print(f"cycles {cycles}: layers {layers}, backup {backup_s:.2f} s, restore {restore_s:.2f} s per cycle")

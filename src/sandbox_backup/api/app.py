@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 from typing import Annotated
@@ -17,7 +18,7 @@ from sandbox_backup import errors
 from sandbox_backup.api import discovery_routes, schemas
 from sandbox_backup.domain import reference
 from sandbox_backup.domain.states import RestorePurpose, RunnerState
-from sandbox_backup.manager import drain, lifecycle, restore, tracking
+from sandbox_backup.manager import drain, lifecycle, restore, retention, tracking, verification
 from sandbox_backup.manager.service import BackupManager
 from sandbox_backup.runner.models import BackupReport
 from sandbox_backup.store import backups, cleanup, fleet, restores, sandboxes
@@ -208,6 +209,36 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
     async def get_drain(runner_id: str) -> schemas.DrainOut:
         return schemas.DrainOut(**vars(await drain.progress(ctx, runner_id)))
 
+    @api.post("/sandboxes/{sandbox_id}/prune", response_model=schemas.PruneOut, tags=["retention"])
+    async def post_sandbox_prune(sandbox_id: str, dry_run: Annotated[bool, fastapi.Query(alias="dryRun")] = False) -> schemas.PruneOut:
+        return _prune_out(await retention.prune(ctx, sandbox_id=sandbox_id, dry_run=dry_run))
+
+    @api.post("/prune", response_model=schemas.PruneOut, tags=["retention"])
+    async def post_prune(dry_run: Annotated[bool, fastapi.Query(alias="dryRun")] = False) -> schemas.PruneOut:
+        return _prune_out(await retention.prune(ctx, dry_run=dry_run))
+
+    @api.get("/sandboxes/{sandbox_id}/retention", response_model=schemas.RetentionPolicyIO, tags=["retention"])
+    async def get_retention(sandbox_id: str) -> schemas.RetentionPolicyIO:
+        policy = retention.policy_for(ctx.settings, await lifecycle.get_sandbox(ctx, sandbox_id))
+        return schemas.RetentionPolicyIO(**policy.model_dump())
+
+    @api.put("/sandboxes/{sandbox_id}/retention", response_model=schemas.RetentionPolicyIO, tags=["retention"])
+    async def put_retention(sandbox_id: str, body: schemas.RetentionPolicyIO) -> schemas.RetentionPolicyIO:
+        overrides = body.model_dump(exclude_none=True)
+        text = json.dumps(overrides) if overrides else None
+        retention.policy_for(ctx.settings, _PolicyHolder(sandbox_id, text))  # validates before storing
+        async with ctx.db.transaction() as session:
+            if not await sandboxes.set_retention_policy(session, sandbox_id, text, now=ctx.now()):
+                raise errors.NotFound(f"sandbox {sandbox_id!r} is not known to the manager")
+        return await get_retention(sandbox_id)
+
+    @api.post("/backups/{backup_id}/verify", response_model=schemas.VerifyOut, tags=["backups"])
+    async def post_verify(backup_id: str) -> schemas.VerifyOut:
+        outcome = await verification.verify_backup(ctx, backup_id)
+        async with ctx.db.transaction() as session:
+            backup = await backups.get_backup(session, backup_id)
+        return schemas.VerifyOut(outcome=outcome.value, backup=schemas.BackupOut.model_validate(backup))
+
     @reports.post("/runners/{runner_id}/reports", response_model=schemas.ReportOut, status_code=status.HTTP_202_ACCEPTED, tags=["runners"])
     async def post_report(runner_id: str, body: BackupReport, authorization: Annotated[str | None, fastapi.Header()] = None) -> schemas.ReportOut:
         accepted = await tracking.handle_report(ctx, runner_id, _bearer(authorization), body)
@@ -217,6 +248,26 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
     app.include_router(reports)
     app.include_router(discovery_routes.create_router(manager))
     return app
+
+
+class _PolicyHolder:
+    def __init__(self, sandbox_id: str, retention_policy: str | None) -> None:
+        self.id = sandbox_id
+        self.retention_policy = retention_policy
+
+
+def _prune_out(result: retention.PruneResult) -> schemas.PruneOut:
+    entries = [
+        schemas.SandboxPruneOut(
+            sandbox_id=entry.sandbox_id,
+            deleted=list(entry.plan.delete) if entry.plan else [],
+            kept={backup_id: list(reasons) for backup_id, reasons in entry.plan.keep.items()} if entry.plan else {},
+            error=entry.error,
+        )
+        for entry in result.sandboxes
+    ]
+    pruned = sum(len(entry.deleted) for entry in entries) if result.dry_run else result.pruned_count
+    return schemas.PruneOut(dry_run=result.dry_run, pruned=pruned, sandboxes=entries)
 
 
 def _registry_url(body: schemas.RegistryIn) -> str:

@@ -121,6 +121,37 @@ class BackupOut(ApiModel):
     deleted_at: datetime.datetime | None = None
 
 
+class SandboxPruneOut(ApiModel):
+    sandbox_id: str
+    deleted: list[str]
+    kept: dict[str, list[str]] = pydantic.Field(description="Kept backup ids with the rules that keep each one.")
+    error: str | None = None
+
+
+class PruneOut(ApiModel):
+    dry_run: bool
+    pruned: int
+    sandboxes: list[SandboxPruneOut]
+
+
+class VerifyOut(ApiModel):
+    outcome: str
+    backup: BackupOut
+
+
+class RetentionPolicyIO(ApiModel):
+    """Counts kept per rule; fields left out take the global default."""
+
+    model_config = pydantic.ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    keep_last: int | None = pydantic.Field(None, ge=0, le=100_000)
+    keep_hourly: int | None = pydantic.Field(None, ge=0, le=100_000)
+    keep_daily: int | None = pydantic.Field(None, ge=0, le=100_000)
+    keep_weekly: int | None = pydantic.Field(None, ge=0, le=100_000)
+    keep_monthly: int | None = pydantic.Field(None, ge=0, le=100_000)
+    min_verified: int | None = pydantic.Field(None, ge=0, le=100_000, description="Never delete the newest N verified backups.")
+
+
 class RestoreIn(ApiModel):
     backup_id: Name | None = pydantic.Field(None, description="Restore this backup only; empty tries the newest verified first.")
     runner_id: Name | None = pydantic.Field(None, description="Restore onto this READY runner; empty chooses one.")

@@ -168,6 +168,7 @@ async def _on_destroyed(ctx: ManagerContext, sandbox_id: str) -> None:
     try:
         async with ctx.db.transaction() as session:
             cancelled = await backups.cancel_pending(session, sandbox_id, reason="sandbox destroyed before the backup started", now=now)
+            await backups.mark_all_deleted(session, sandbox_id, now=now)
             sandbox = await sandboxes.get_sandbox(session, sandbox_id)
             task = None
             if sandbox is not None and sandbox.backup_registry_id:

@@ -14,10 +14,10 @@ started, so the engine copies the image's whole configuration into it:
    accepts this parameter (checked on 4.3.1) and writes one layer with the configuration
    of the image, including the healthcheck and shell, which Podman's compatible inspect
    leaves out.
-2. Export and import, for engines that ignore `squash` (Docker Engine's /commit reads no
-   such parameter, see moby's api/server/router/container/container_routes.go): export
-   the container's filesystem into a temporary file and import it with the configuration
-   written as Dockerfile instructions (`changes`), which cannot express SHELL.
+2. Export and import, for engines that ignore `squash`. Docker Engine's /commit reads no
+   such parameter (moby's api/server/router/container/container_routes.go). The method
+   exports the container's filesystem into a temporary file and imports it with the
+   configuration written as Dockerfile instructions (`changes`), which cannot express SHELL.
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ class FlattenMethod(str, enum.Enum):
 
 
 class FlattenError(errors.EngineError):
-    """Flattening a committed image failed; the runner removed what the attempt created."""
+    """Failure to flatten a committed image, raised after the flatten removed what it created."""
 
 
 class ImageFlattener:
-    """Flattens images on one engine; `temp_dir` receives the export of the fallback method."""
+    """Flattener of images on one engine. The export-and-import method writes its export into `temp_dir`."""
 
     def __init__(self, api: docker.APIClient, temp_dir: pathlib.Path, *, timeout_s: float) -> None:
         self._api = api
@@ -81,7 +81,7 @@ class ImageFlattener:
                 return squashed_id, FlattenMethod.SQUASH
 
             logger.info(
-                "the engine ignored squash=true on commit; flattening image %s by export and import instead",
+                "the engine ignored squash=true on commit, so image %s is flattened by export and import instead",
                 image_id,
                 extra=extra,
             )
@@ -93,7 +93,7 @@ class ImageFlattener:
             self._remove_container(container_id, extra)
 
     def _squash(self, container_id: str, extra: dict[str, str]) -> str | None:
-        """Commit the container with squash=true; return the image id, or None if the engine ignored squash.
+        """Commit the container with squash=true and return the image id, or None if the engine ignored squash.
 
         An image with more than one layer means the engine ignored squash: it is removed.
         """
@@ -142,7 +142,12 @@ class ImageFlattener:
         except docker.errors.NotFound:
             pass
         except (docker.errors.APIError, requests.RequestException) as exc:
-            logger.error("temporary container %s could not be removed: %s", container_id, exc, extra=extra)
+            logger.error(
+                "temporary container %s could not be removed: %s; remove it with `podman rm -f` or `docker rm -f`",
+                container_id,
+                exc,
+                extra=extra,
+            )
 
     def _remove_image(self, image_id: str, extra: dict[str, str]) -> None:
         remove_image_quietly(self._api, image_id, extra)
@@ -159,7 +164,7 @@ def export_and_import(
     """Export a container's filesystem into a temporary file in `temp_dir`, import it, return the image id.
 
     The file is removed in every case. `config` is the image configuration (the `Config`
-    of an image inspect) that the import applies; see `import_changes` for what it keeps.
+    of an image inspect) that the import applies, and `import_changes` lists what it keeps.
     """
     changes = import_changes(config)
     temp_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +181,7 @@ def export_and_import(
 
 
 def remove_stale_temp_files(temp_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Delete export files that an agent left behind when it stopped during a flatten; return them."""
+    """Delete the export files that an agent left behind when it stopped during a flatten, and return their paths."""
     removed = []
     for path in temp_dir.glob(f"{TEMP_FILE_PREFIX}*.tar"):
         path.unlink(missing_ok=True)
@@ -185,13 +190,22 @@ def remove_stale_temp_files(temp_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def remove_image_quietly(api: docker.APIClient, image_id: str, extra: dict[str, str]) -> None:
-    """Remove an image by id; log instead of raising when the engine rejects it."""
+    """Remove an image by id, and log an error instead of raising when the engine rejects the removal.
+
+    Only for images that a flatten created: `force` also removes a tag that the image
+    carries, and on Podman it would also remove containers that use the image.
+    """
     try:
         api.remove_image(image_id, force=True)
     except docker.errors.NotFound:
         pass
     except (docker.errors.APIError, requests.RequestException) as exc:
-        logger.error("intermediate image %s could not be removed: %s", image_id, exc, extra=extra)
+        logger.error(
+            "intermediate image %s could not be removed: %s; remove it with `podman rmi` or `docker rmi`",
+            image_id,
+            exc,
+            extra=extra,
+        )
 
 
 def import_changes(config: dict[str, Any]) -> list[str]:
@@ -316,7 +330,10 @@ def _healthcheck_instruction(healthcheck: dict[str, Any]) -> str:
 
 def _quote(value: str) -> str:
     if "\n" in value:
-        raise FlattenError(f"value {value[:80]!r} contains a newline, which a Dockerfile instruction cannot express")
+        raise FlattenError(
+            f"image config value {value[:80]!r} contains a newline, which a Dockerfile instruction cannot express,"
+            " so this engine cannot flatten the image by export and import"
+        )
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
     return f'"{escaped}"'
 

@@ -362,3 +362,14 @@ async def in_progress_count(session: AsyncSession, sandbox_id: str) -> int:
 async def open_attempt_count(session: AsyncSession, sandbox_id: str) -> int:
     statement = sa.select(sa.func.count()).select_from(Backup).where(Backup.sandbox_id == sandbox_id, Backup.state.in_(OPEN_STATES))
     return (await session.execute(statement)).scalar_one()
+
+
+async def mark_all_deleted(session: AsyncSession, sandbox_id: str, *, now: datetime.datetime) -> int:
+    """Record that every kept backup of a sandbox is going away with its repository."""
+    statement = (
+        sa.update(Backup)
+        .where(Backup.sandbox_id == sandbox_id, Backup.state == BackupState.COMPLETED, Backup.deleted_at.is_(None))
+        .values(deleted_at=now, updated_at=now)
+    )
+    result = await session.execute(statement, execution_options={"synchronize_session": False})
+    return result.rowcount

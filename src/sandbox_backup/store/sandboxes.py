@@ -197,3 +197,12 @@ async def archiving_ready(session: AsyncSession, *, limit: int) -> list[Sandbox]
 async def on_runner(session: AsyncSession, runner_id: str) -> list[Sandbox]:
     statement = sa.select(Sandbox).where(Sandbox.runner_id == runner_id, Sandbox.state.not_in([SandboxState.DESTROYED, SandboxState.ARCHIVED])).order_by(Sandbox.id)
     return list((await session.execute(statement)).scalars())
+
+
+async def set_retention_policy(session: AsyncSession, sandbox_id: str, policy_json: str | None, *, now: datetime.datetime) -> bool:
+    sandbox = await session.get(Sandbox, sandbox_id, populate_existing=True)
+    if sandbox is None:
+        return False
+    return await guards.guarded_update(
+        session, Sandbox, sandbox_id, expected={"version": sandbox.version}, values={"retention_policy": policy_json, "updated_at": now}, action="set_retention_policy"
+    )
