@@ -238,7 +238,7 @@ async def test_restore_without_backup_puts_sandbox_in_error(fleet: Fleet) -> Non
 async def test_restore_bad_input_changes_nothing(fleet: Fleet, manager_api: httpx.AsyncClient) -> None:
     mine = await fleet.backup_now()
     await register_sandbox(manager_api, "other-sandbox", "node-1")
-    await manager_api.put("/api/v1/runners/node-3", json={"apiUrl": "http://127.0.0.1:9", "token": "t", "state": "DRAINING"})
+    await manager_api.put("/api/v1/runners/node-3", json={"apiUrl": "http://127.0.0.1:9", "token": "node-3-token", "state": "DRAINING"})
     path = f"/api/v1/sandboxes/{fleet.sandbox_id}/restore"
 
     unknown = await manager_api.post(path, json={"backupId": "no-such-backup"})

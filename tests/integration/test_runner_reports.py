@@ -49,6 +49,7 @@ def test_completed_backup_is_reported(
         "state": "COMPLETED",
         "digest": info["backupDigest"],
         "sizeBytes": info["backupSizeBytes"],
+        "layerCount": info["backupLayerCount"],
         "recoverable": False,
     }
 

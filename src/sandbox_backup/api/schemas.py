@@ -119,6 +119,7 @@ class BackupOut(ApiModel):
     broken_at: datetime.datetime | None = None
     broken_reason: str | None = None
     deleted_at: datetime.datetime | None = None
+    layer_count: int | None = None
 
 
 class SandboxPruneOut(ApiModel):

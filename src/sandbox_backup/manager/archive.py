@@ -11,7 +11,7 @@ import logging
 
 from sandbox_backup import errors
 from sandbox_backup.domain.states import SandboxState
-from sandbox_backup.manager import restore as restore_flow
+from sandbox_backup.manager import verification
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.store import backups, fleet, guards, restores, sandboxes
 from sandbox_backup.store.models import Sandbox
@@ -41,12 +41,14 @@ async def finish_archive(ctx: ManagerContext, sandbox_id: str) -> bool:
         return False
 
     log_extra = {"sandbox_id": sandbox_id, "backup_id": backup.id, "runner_id": sandbox.runner_id}
-    check, detail = await restore_flow.check_in_registry(ctx, registry, backup)
-    if check == restore_flow.RegistryCheck.UNKNOWN:
-        logger.warning("archive waits: the registry could not confirm the backup", extra={"action": "archive_waiting", "reason": detail, **log_extra})
+    outcome = verification.VerifyOutcome.BROKEN if backup.broken_at else await verification.verify_backup(ctx, backup.id)
+    if outcome == verification.VerifyOutcome.UNKNOWN:
+        logger.warning("archive waits: the registry could not confirm the backup", extra={"action": "archive_waiting", **log_extra})
         return False
-    if check == restore_flow.RegistryCheck.MISSING:
-        await _require_new_backup(ctx, sandbox, backup.id, detail)
+    if outcome == verification.VerifyOutcome.BROKEN:
+        async with ctx.db.transaction() as session:
+            checked = await backups.get_backup(session, backup.id)
+        await _require_new_backup(ctx, sandbox, backup.id, (checked.broken_reason if checked else None) or "the backup did not verify")
         return False
 
     if sandbox.runner_id and not await _destroy_on_runner(ctx, sandbox):

@@ -13,7 +13,7 @@ from sandbox_backup.store.models import Backup
 logger = logging.getLogger(__name__)
 
 
-async def complete_attempt(ctx: ManagerContext, backup: Backup, *, digest: str | None, size_bytes: int | None) -> bool:
+async def complete_attempt(ctx: ManagerContext, backup: Backup, *, digest: str | None, size_bytes: int | None, layer_count: int | None = None) -> bool:
     """Mark `backup` COMPLETED with its manifest digest; look the digest up when the runner gave none.
 
     Returns False when the attempt was not completed here: it had already ended, the registry has
@@ -31,7 +31,7 @@ async def complete_attempt(ctx: ManagerContext, backup: Backup, *, digest: str |
         current = await backups.get_backup(session, backup.id)
         if current is None:
             return False
-        done = await backups.complete(session, current, digest=digest, size_bytes=size_bytes, now=now)
+        done = await backups.complete(session, current, digest=digest, size_bytes=size_bytes, layer_count=layer_count, now=now)
 
     if done:
         ctx.wake_archive.set()

@@ -61,7 +61,8 @@ async def _work_runner(ctx: ManagerContext, runner: Runner) -> int:
 
 async def _move(ctx: ManagerContext, sandbox: Sandbox) -> int:
     try:
-        await restore_flow.request_restore(ctx, sandbox.id, purpose=RestorePurpose.MOVE)
+        # Only the fresh backup may be used: an older one would lose what was written since.
+        await restore_flow.request_restore(ctx, sandbox.id, backup_id=sandbox.current_backup_id, purpose=RestorePurpose.MOVE)
     except errors.SandboxBackupError as exc:
         logger.warning("could not start moving a stopped sandbox off a draining runner", extra={"action": "drain_move_failed", "sandbox_id": sandbox.id, "runner_id": sandbox.runner_id, "error": str(exc)})
         return 0

@@ -89,6 +89,8 @@ async def handle_event(ctx: ManagerContext, sandbox_id: str, event: LifecycleEve
     target = EVENT_STATES[event]
     sandbox = await get_sandbox(ctx, sandbox_id)
     _check_not_destroyed(sandbox, target)
+    if sandbox.state == SandboxState.RESTORING and target != SandboxState.DESTROYED:
+        raise errors.Conflict(f"sandbox {sandbox_id!r} is being restored; send {event.value} after the restore ends")
     if event == LifecycleEvent.STARTED and sandbox.state == SandboxState.ARCHIVED:
         # An archived sandbox has no runner any more: starting it is a restore.
         await restore_flow.request_restore(ctx, sandbox_id)

@@ -19,6 +19,8 @@ import enum
 import logging
 import uuid
 
+from sqlalchemy import exc as sa_exc
+
 from sandbox_backup import errors
 from sandbox_backup.domain import reference
 from sandbox_backup.domain.states import RestorePurpose, RestoreState, RunnerState, SandboxState
@@ -30,8 +32,8 @@ from sandbox_backup.store.models import Backup, Registry, Restore, Runner, Sandb
 
 logger = logging.getLogger(__name__)
 
-# How long one worker keeps a restore before another may take it over (a pull can take minutes).
-LEASE_S = 900.0
+# A worker keeps a restore this long beyond the runner call's own timeout before another may take it over.
+LEASE_MARGIN_S = 300.0
 PULL_FAILURE_CODES = {"MANIFEST_UNKNOWN", "BLOB_UNKNOWN"}
 
 
@@ -54,6 +56,20 @@ async def request_restore(
     Raises NotFound for an unknown sandbox, backup or runner, InvalidInput for a backup of another
     sandbox, and Conflict for a state that does not allow it; nothing is written then.
     """
+    try:
+        return await _record_request(ctx, sandbox_id, backup_id=backup_id, runner_id=runner_id, purpose=purpose)
+    except sa_exc.IntegrityError:
+        # A concurrent request opened a restore first; the database's unique index kept it single.
+        async with ctx.db.transaction() as session:
+            existing = await restores.open_for_sandbox(session, sandbox_id, purposes=(purpose,))
+        if existing is None:
+            raise errors.Conflict(f"sandbox {sandbox_id!r} already has a restore in progress; wait for it to end") from None
+        return existing
+
+
+async def _record_request(
+    ctx: ManagerContext, sandbox_id: str, *, backup_id: str | None, runner_id: str | None, purpose: RestorePurpose
+) -> Restore:
     async with ctx.db.transaction() as session:
         sandbox = await sandboxes.get_sandbox(session, sandbox_id)
         if sandbox is None:
@@ -129,7 +145,8 @@ async def run_due_restores(ctx: ManagerContext) -> int:
     finished = 0
     for restore in due:
         async with ctx.db.transaction() as session:
-            taken = await restores.lease(session, restore, until=now + datetime.timedelta(seconds=LEASE_S), now=now)
+            lease_s = ctx.settings.restore_timeout_s + LEASE_MARGIN_S
+            taken = await restores.lease(session, restore, until=now + datetime.timedelta(seconds=lease_s), now=now)
         if taken and await _run(ctx, restore.id):
             finished += 1
     return finished
@@ -139,11 +156,13 @@ async def _run(ctx: ManagerContext, restore_id: str) -> bool:
     async with ctx.db.transaction() as session:
         restore = await restores.get(session, restore_id)
         sandbox = await sandboxes.get_sandbox(session, restore.sandbox_id) if restore else None
-        registry = await fleet.get_registry(session, sandbox.backup_registry_id) if sandbox and sandbox.backup_registry_id else None
         candidates = await _candidates(session, restore) if restore else []
     if restore is None or sandbox is None:
         return False
-    if registry is None or not candidates:
+    changed = _sandbox_moved_on(restore, sandbox)
+    if changed:
+        return await _fail(ctx, restore, changed)
+    if not candidates:
         return await _fail(ctx, restore, "no verified backup exists for this sandbox", no_backup=True)
 
     runner = await _target_runner(ctx, restore, sandbox)
@@ -151,10 +170,21 @@ async def _run(ctx: ManagerContext, restore_id: str) -> bool:
         return await _postpone(ctx, restore, "no READY runner with free capacity in the sandbox's region")
 
     for backup in candidates:
-        outcome = await _try_candidate(ctx, restore, sandbox, registry, runner, backup)
+        outcome = await _try_candidate(ctx, restore, sandbox, runner, backup)
         if outcome is not None:
             return outcome
     return await _fail(ctx, restore, "no verified backup exists for this sandbox: every candidate was missing or broken in the registry", no_backup=True)
+
+
+def _sandbox_moved_on(restore: Restore, sandbox: Sandbox) -> str | None:
+    """Return why the restore no longer fits the sandbox (destroyed, started, archived...), or None."""
+    if sandbox.state == SandboxState.DESTROYED or sandbox.desired_state == SandboxState.DESTROYED:
+        return "the sandbox was destroyed while the restore ran"
+    if restore.purpose == RestorePurpose.RESTORE.value and sandbox.state != SandboxState.RESTORING:
+        return f"the sandbox became {sandbox.state.value} while the restore ran"
+    if restore.purpose == RestorePurpose.MOVE.value and (sandbox.state != SandboxState.STOPPED or sandbox.runner_id != restore.previous_runner_id):
+        return f"the sandbox became {sandbox.state.value} on runner {sandbox.runner_id!r}; a move applies only to a stopped sandbox on its draining runner"
+    return None
 
 
 async def _candidates(session, restore: Restore) -> list[Backup]:  # type: ignore[no-untyped-def]
@@ -164,8 +194,12 @@ async def _candidates(session, restore: Restore) -> list[Backup]:  # type: ignor
     return [backup] if backup is not None and backup.broken_at is None and backup.deleted_at is None else []
 
 
-async def _try_candidate(ctx: ManagerContext, restore: Restore, sandbox: Sandbox, registry: Registry, runner: Runner, backup: Backup) -> bool | None:
+async def _try_candidate(ctx: ManagerContext, restore: Restore, sandbox: Sandbox, runner: Runner, backup: Backup) -> bool | None:
     """Return True/False when the restore ended with this candidate, None to try the next one."""
+    async with ctx.db.transaction() as session:
+        registry = await fleet.get_registry(session, backup.registry_id)
+    if registry is None:
+        return await _postpone(ctx, restore, f"registry {backup.registry_id!r} of backup {backup.id} is not registered")
     log_extra = {"restore_id": restore.id, "sandbox_id": sandbox.id, "backup_id": backup.id, "runner_id": runner.id}
     if not _inside_own_repository(backup, registry, sandbox.id):
         await _mark_broken(ctx, backup, f"image reference {backup.image_ref} is outside the repository of sandbox {sandbox.id}")
@@ -188,18 +222,35 @@ async def _try_candidate(ctx: ManagerContext, restore: Restore, sandbox: Sandbox
         if exc.code in PULL_FAILURE_CODES:
             await _mark_broken(ctx, backup, f"runner {runner.id} could not pull it: {exc}")
             return None
-        return await _fail(ctx, restore, f"runner {runner.id} rejected the restore: {exc}")
+        if exc.status_code == 409 and await _copy_exists(ctx, runner, restore):
+            # An earlier try created the copy but its answer was lost: the copy is ours.
+            logger.info("the restored copy already exists on the runner; using it", extra={"action": "restore_copy_found", **log_extra})
+        else:
+            return await _fail(ctx, restore, f"runner {runner.id} rejected the restore: {exc}")
     except errors.RunnerError as exc:
         return await _postpone(ctx, restore, f"runner {runner.id} did not answer: {exc}")
 
     return await _succeed(ctx, restore, sandbox, runner, backup)
 
 
+async def _copy_exists(ctx: ManagerContext, runner: Runner, restore: Restore) -> bool:
+    try:
+        info = await ctx.runner_client(runner).get_sandbox(restore.target_sandbox_id)
+    except errors.RunnerError:
+        return False
+    return info is not None and info.state.value != "destroyed"
+
+
 def _inside_own_repository(backup: Backup, registry: Registry, sandbox_id: str) -> bool:
+    """The reference names the sandbox's own repository (`.../backup-{id}`) on the backup's registry.
+
+    The project prefix is not compared: an operator may change a registry's project, and the
+    backups taken before keep their old path.
+    """
     try:
         parsed = reference.parse_reference(backup.image_ref)
-        expected = reference.backup_repository(registry.project, sandbox_id)
-        return parsed.host == reference.registry_host(registry.url) and parsed.repository == expected
+        own_name = reference.REPOSITORY_PREFIX + reference.validate_sandbox_id(sandbox_id)
+        return parsed.host == reference.registry_host(registry.url) and parsed.repository.rsplit("/", 1)[-1] == own_name
     except errors.InvalidInput:
         return False
 
@@ -210,9 +261,9 @@ async def check_in_registry(ctx: ManagerContext, registry: Registry, backup: Bac
     try:
         async with ctx.registry_client(registry) as client:
             manifest = await client.head_manifest(parsed.repository, parsed.tag or "")
-    except (errors.RegistryUnavailable, errors.RegistryAuthError) as exc:
-        return RegistryCheck.UNKNOWN, str(exc)
-    except errors.RegistryError as exc:
+    except (errors.RegistryError, errors.InvalidReference) as exc:
+        # InvalidReference here comes from what the registry sent (a digest the client cannot
+        # read); the recorded reference itself was parsed above.
         return RegistryCheck.UNKNOWN, str(exc)
 
     if manifest is None:
@@ -223,15 +274,15 @@ async def check_in_registry(ctx: ManagerContext, registry: Registry, backup: Bac
 
 
 async def _target_runner(ctx: ManagerContext, restore: Restore, sandbox: Sandbox) -> Runner | None:
-    runner_id = restore.runner_id or restore.requested_runner_id
+    """The runner asked for (it must still be READY), else a fresh choice at every try."""
     async with ctx.db.transaction() as session:
-        if runner_id is not None:
-            runner = await fleet.get_runner(session, runner_id)
+        if restore.requested_runner_id is not None:
+            runner = await fleet.get_runner(session, restore.requested_runner_id)
             return runner if runner is not None and runner.state == RunnerState.READY else None
-        exclude = {sandbox.runner_id} if sandbox.runner_id and restore.purpose != RestorePurpose.DRILL.value else set()
-        if restore.previous_runner_id and restore.purpose != RestorePurpose.DRILL.value:
-            exclude.add(restore.previous_runner_id)
-        return await fleet.choose_restore_runner(session, region=sandbox.region, exclude=exclude)
+        exclude = set()
+        if restore.purpose != RestorePurpose.DRILL.value:
+            exclude = {runner_id for runner_id in (sandbox.runner_id, restore.previous_runner_id) if runner_id}
+        return await fleet.choose_restore_runner(session, region=sandbox.region, exclude=exclude, ignore_restore_id=restore.id)
 
 
 async def _create_on_runner(ctx: ManagerContext, restore: Restore, sandbox: Sandbox, registry: Registry, runner: Runner, backup: Backup) -> None:
@@ -267,12 +318,19 @@ async def _finish_drill(ctx: ManagerContext, client: RunnerClient, restore: Rest
 
 async def _succeed(ctx: ManagerContext, restore: Restore, sandbox: Sandbox, runner: Runner, backup: Backup) -> bool:
     now = ctx.now()
-    async with ctx.db.transaction() as session:
-        await restores.finish(session, restore.id, state=RestoreState.COMPLETED, now=now)
-        if restore.purpose == RestorePurpose.DRILL.value:
-            await restores.record_verified(session, backup, now=now)
-        else:
-            await sandboxes.move_to_runner(session, sandbox.id, runner_id=runner.id, started=restore.purpose == RestorePurpose.RESTORE.value, now=now)
+    try:
+        async with ctx.db.transaction() as session:
+            if restore.purpose == RestorePurpose.DRILL.value:
+                finished = await restores.finish(session, restore.id, state=RestoreState.COMPLETED, now=now)
+                if finished:
+                    await restores.record_verified(session, backup, now=now)
+            else:
+                finished = await _place_sandbox(session, restore, runner, now=now)
+    except _LostRestore:
+        finished = False
+
+    if not finished:
+        return await _discard(ctx, restore, runner)
 
     logger.info(
         "restore completed",
@@ -281,6 +339,39 @@ async def _succeed(ctx: ManagerContext, restore: Restore, sandbox: Sandbox, runn
     if restore.purpose != RestorePurpose.DRILL.value and restore.previous_runner_id and restore.previous_runner_id != runner.id:
         await destroy_copy(ctx, restore.previous_runner_id, sandbox.id)
     return True
+
+
+async def _place_sandbox(session, restore: Restore, runner: Runner, *, now: datetime.datetime) -> bool:  # type: ignore[no-untyped-def]
+    """Record the sandbox on its new runner and finish the restore, in one transaction, or neither."""
+    expected_state = SandboxState.RESTORING if restore.purpose == RestorePurpose.RESTORE.value else SandboxState.STOPPED
+    moved = await sandboxes.move_to_runner(
+        session, restore.sandbox_id, runner_id=runner.id, started=restore.purpose == RestorePurpose.RESTORE.value, now=now, expected_state=expected_state
+    )
+    if not moved:
+        return False
+    if not await restores.finish(session, restore.id, state=RestoreState.COMPLETED, now=now):
+        raise _LostRestore(restore.id)
+    return True
+
+
+class _LostRestore(errors.Conflict):
+    """Another worker finished the restore first; the transaction is rolled back."""
+
+
+async def _discard(ctx: ManagerContext, restore: Restore, runner: Runner) -> bool:
+    """The copy was made but cannot become the sandbox: another worker finished the restore, or
+    the sandbox changed meanwhile (destroyed, started, archived)."""
+    async with ctx.db.transaction() as session:
+        current = await restores.get(session, restore.id)
+        sandbox = await sandboxes.get_sandbox(session, restore.sandbox_id)
+    if current is None or current.state not in (RestoreState.PENDING.value, RestoreState.RUNNING.value):
+        logger.info("another worker finished this restore", extra={"action": "lost_race", "restore_id": restore.id})
+        return False
+
+    # The copy is not the sandbox's: remove it before failing the restore.
+    await destroy_copy(ctx, runner.id, restore.target_sandbox_id)
+    reason = (_sandbox_moved_on(restore, sandbox) if sandbox else "the sandbox is gone") or "the sandbox changed while the restore ran"
+    return await _fail(ctx, restore, reason)
 
 
 async def destroy_copy(ctx: ManagerContext, runner_id: str, sandbox_id: str) -> bool:
@@ -314,8 +405,10 @@ async def _postpone(ctx: ManagerContext, restore: Restore, reason: str) -> bool:
 
     delay = ctx.retry_policy.delay_s(attempts, rng=ctx.rng)
     async with ctx.db.transaction() as session:
+        # The runner is chosen again at the next try, so a full runner is not kept.
         await restores.update(
-            session, restore.id, now=ctx.now(), registry_attempts=attempts, error_reason=reason, next_attempt_at=ctx.now() + datetime.timedelta(seconds=delay)
+            session, restore.id, now=ctx.now(), registry_attempts=attempts, error_reason=reason, runner_id=None,
+            next_attempt_at=ctx.now() + datetime.timedelta(seconds=delay),
         )
     logger.warning("restore waits and tries again", extra={"action": "restore_retry", "restore_id": restore.id, "sandbox_id": restore.sandbox_id, "attempt": attempts, "delay_s": round(delay, 1), "reason": reason})
     return False

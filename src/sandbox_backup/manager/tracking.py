@@ -44,7 +44,7 @@ async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report:
         return False
 
     if report.state == RunnerBackupState.COMPLETED:
-        return await attempts.complete_attempt(ctx, backup, digest=report.digest, size_bytes=report.size_bytes)
+        return await attempts.complete_attempt(ctx, backup, digest=report.digest, size_bytes=report.size_bytes, layer_count=report.layer_count)
     if report.state == RunnerBackupState.FAILED:
         reason = f"runner {runner_id} reported: {report.error or 'backup failed'}"
         await attempts.fail_attempt(ctx, backup, reason=reason, transient=report.recoverable)
@@ -121,7 +121,7 @@ async def _apply_info(ctx: ManagerContext, backup: Backup, runner: Runner, info:
 
     assert info is not None
     if info.backup_state == RunnerBackupState.COMPLETED:
-        return await attempts.complete_attempt(ctx, backup, digest=info.backup_digest, size_bytes=info.backup_size_bytes)
+        return await attempts.complete_attempt(ctx, backup, digest=info.backup_digest, size_bytes=info.backup_size_bytes, layer_count=info.backup_layer_count)
     if info.backup_state == RunnerBackupState.FAILED:
         await attempts.fail_attempt(ctx, backup, reason=f"runner {runner.id} reported: {info.backup_error or 'backup failed'}", transient=info.recoverable)
         return True

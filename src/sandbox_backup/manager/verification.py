@@ -140,7 +140,9 @@ async def _verify(ctx: ManagerContext, backup: Backup) -> _Result:
     except (errors.RegistryUnavailable, errors.RegistryAuthError) as exc:
         _log_unknown(backup, str(exc))
         return _Result(VerifyOutcome.UNKNOWN, registry_unreachable=True)
-    except errors.RegistryProtocolError as exc:
+    except (errors.RegistryProtocolError, errors.InvalidReference) as exc:
+        # InvalidReference here comes from a header the registry sent (e.g. a digest algorithm
+        # the client does not know), not from the recorded reference, which was checked above.
         _log_unknown(backup, str(exc))
         return _Result(VerifyOutcome.UNKNOWN)
 

@@ -233,7 +233,7 @@ async def find_awaited(session: AsyncSession, *, sandbox_id: str, runner_id: str
 
 
 async def complete(
-    session: AsyncSession, backup: Backup, *, digest: str | None, size_bytes: int | None, now: datetime.datetime
+    session: AsyncSession, backup: Backup, *, digest: str | None, size_bytes: int | None, now: datetime.datetime, layer_count: int | None = None
 ) -> bool:
     """Mark an open attempt COMPLETED with its manifest digest; False when it is no longer open."""
     done = await guards.guarded_update(
@@ -241,11 +241,26 @@ async def complete(
         Backup,
         backup.id,
         expected={"state": OPEN_STATES, "version": backup.version, "image_ref": backup.image_ref},
-        values={"state": BackupState.COMPLETED, "manifest_digest": digest, "size_bytes": size_bytes, "completed_at": now, "updated_at": now, "error_reason": None},
+        values={
+            "state": BackupState.COMPLETED,
+            "manifest_digest": digest,
+            "size_bytes": size_bytes,
+            "layer_count": layer_count,
+            "completed_at": now,
+            "updated_at": now,
+            "error_reason": None,
+        },
         action="complete",
     )
     if not done:
         return False
+
+    sandbox = await session.get(Sandbox, backup.sandbox_id, populate_existing=True)
+    if sandbox is not None and SandboxState.DESTROYED in (sandbox.state, sandbox.desired_state):
+        # A push that ended after the destroy: the owed repository deletion removes it too.
+        await session.execute(
+            sa.update(Backup).where(Backup.id == backup.id).values(deleted_at=now), execution_options={"synchronize_session": False}
+        )
 
     await guards.guarded_update(
         session,

@@ -7,9 +7,9 @@ import datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from sandbox_backup.domain.states import RunnerState, SandboxState
+from sandbox_backup.domain.states import RestorePurpose, RestoreState, RunnerState, SandboxState
 from sandbox_backup.store import guards
-from sandbox_backup.store.models import Registry, Runner, Sandbox
+from sandbox_backup.store.models import Registry, Restore, Runner, Sandbox
 
 # States in which a sandbox occupies a slot of its runner's capacity.
 OCCUPYING_STATES = (SandboxState.STARTED, SandboxState.STOPPED, SandboxState.ARCHIVING, SandboxState.RESTORING)
@@ -140,14 +140,20 @@ async def choose_backup_registry(session: AsyncSession, *, organization_id: str 
     return None
 
 
-async def choose_restore_runner(session: AsyncSession, *, region: str | None, exclude: set[str]) -> Runner | None:
-    """The least loaded READY runner (in `region` when set) with a free slot, outside `exclude`."""
-    load = (
-        sa.select(Sandbox.runner_id, sa.func.count().label("n"))
-        .where(Sandbox.state.in_(OCCUPYING_STATES))
-        .group_by(Sandbox.runner_id)
-        .subquery()
+async def choose_restore_runner(session: AsyncSession, *, region: str | None, exclude: set[str], ignore_restore_id: str | None = None) -> Runner | None:
+    """The least loaded READY runner (in `region` when set) with a free slot, outside `exclude`.
+
+    Load counts the sandboxes on a runner plus the restores on their way to it.
+    """
+    residents = sa.select(Sandbox.runner_id.label("runner_id")).where(Sandbox.state.in_(OCCUPYING_STATES), Sandbox.state != SandboxState.RESTORING)
+    arriving = sa.select(Restore.runner_id.label("runner_id")).where(
+        Restore.state.in_([RestoreState.PENDING.value, RestoreState.RUNNING.value]),
+        Restore.purpose != RestorePurpose.DRILL.value,
+        Restore.runner_id.is_not(None),
+        Restore.id != (ignore_restore_id or ""),
     )
+    everyone = sa.union_all(residents, arriving).subquery()
+    load = sa.select(everyone.c.runner_id, sa.func.count().label("n")).group_by(everyone.c.runner_id).subquery()
     used = sa.func.coalesce(load.c.n, 0)
     statement = (
         sa.select(Runner)

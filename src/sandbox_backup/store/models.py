@@ -186,6 +186,24 @@ class Restore(Base):
     completed_at: orm.Mapped[datetime.datetime | None] = orm.mapped_column(UTCDateTime)
     version: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=1)
 
+    __table_args__ = (
+        # One open restore or move per sandbox, and one open drill, enforced by the database.
+        sa.Index(
+            "uq_restores_one_open",
+            "sandbox_id",
+            unique=True,
+            sqlite_where=sa.text("state IN ('PENDING', 'RUNNING') AND purpose != 'DRILL'"),
+            postgresql_where=sa.text("state IN ('PENDING', 'RUNNING') AND purpose != 'DRILL'"),
+        ),
+        sa.Index(
+            "uq_restores_one_open_drill",
+            "sandbox_id",
+            unique=True,
+            sqlite_where=sa.text("state IN ('PENDING', 'RUNNING') AND purpose = 'DRILL'"),
+            postgresql_where=sa.text("state IN ('PENDING', 'RUNNING') AND purpose = 'DRILL'"),
+        ),
+    )
+
 
 class CleanupTask(Base):
     """A registry deletion still owed: a whole backup repository, or one manifest when `digest` is set."""

@@ -142,15 +142,22 @@ async def stopped_due_candidates(session: AsyncSession, *, limit: int) -> list[t
     return [(row[0], row[1]) for row in result.all()]
 
 
-async def move_to_runner(session: AsyncSession, sandbox_id: str, *, runner_id: str, started: bool, now: datetime.datetime) -> bool:
-    """Record that the sandbox now lives on `runner_id`: STARTED after a restore, unchanged after a move."""
+async def move_to_runner(
+    session: AsyncSession, sandbox_id: str, *, runner_id: str, started: bool, now: datetime.datetime, expected_state: SandboxState
+) -> bool:
+    """Record that the sandbox now lives on `runner_id`: STARTED after a restore, unchanged after a move.
+
+    Only while the sandbox is still in `expected_state`, so a destroy or start that came in
+    meanwhile is never overwritten.
+    """
     sandbox = await session.get(Sandbox, sandbox_id, populate_existing=True)
-    if sandbox is None:
+    if sandbox is None or sandbox.state != expected_state or sandbox.desired_state == SandboxState.DESTROYED:
         return False
     values: dict[str, object] = {"runner_id": runner_id, "error_reason": None, "updated_at": now}
     if started:
         values.update(state=SandboxState.STARTED, state_changed_at=now)
-    return await guards.guarded_update(session, Sandbox, sandbox_id, expected={"version": sandbox.version}, values=values, action="move_to_runner")
+    expected = {"version": sandbox.version, "state": expected_state}
+    return await guards.guarded_update(session, Sandbox, sandbox_id, expected=expected, values=values, action="move_to_runner")
 
 
 async def mark_error(session: AsyncSession, sandbox_id: str, *, reason: str, now: datetime.datetime) -> bool:

@@ -53,10 +53,16 @@ def upgrade() -> None:
     with op.batch_alter_table("restores", schema=None) as batch_op:
         batch_op.create_index("ix_restores_sandbox_id", ["sandbox_id"], unique=False)
         batch_op.create_index("ix_restores_state", ["state"], unique=False)
+        open_restore = "state IN ('PENDING', 'RUNNING') AND purpose != 'DRILL'"
+        open_drill = "state IN ('PENDING', 'RUNNING') AND purpose = 'DRILL'"
+        batch_op.create_index("uq_restores_one_open", ["sandbox_id"], unique=True, sqlite_where=sa.text(open_restore), postgresql_where=sa.text(open_restore))
+        batch_op.create_index("uq_restores_one_open_drill", ["sandbox_id"], unique=True, sqlite_where=sa.text(open_drill), postgresql_where=sa.text(open_drill))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("restores", schema=None) as batch_op:
+        batch_op.drop_index("uq_restores_one_open_drill")
+        batch_op.drop_index("uq_restores_one_open")
         batch_op.drop_index("ix_restores_state")
         batch_op.drop_index("ix_restores_sandbox_id")
     op.drop_table("restores")
