@@ -1,4 +1,4 @@
-"""The manager's REST API (FastAPI). Every path but /health needs `Authorization: Bearer <token>`."""
+"""The manager's REST API (FastAPI). Every path but /health and /metrics needs `Authorization: Bearer <token>`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy import exc as sa_exc
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from sandbox_backup import errors
+from sandbox_backup import errors, metrics
 from sandbox_backup.api import discovery_routes, schemas
 from sandbox_backup.domain import reference
 from sandbox_backup.domain.states import RestorePurpose, RunnerState
@@ -58,6 +58,12 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
     @app.get("/health", tags=["health"])
     async def get_health() -> dict[str, str]:
         return {"status": "ok"}
+
+    # No token, like /health: the exposition holds counts and ids, never a secret.
+    @app.get("/metrics", tags=["health"], response_class=fastapi.responses.PlainTextResponse)
+    async def get_metrics() -> fastapi.Response:
+        await ctx.metrics.refresh(ctx.db, now=ctx.now(), contention_count=ctx.coordinator.contention_count)
+        return fastapi.Response(ctx.metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     @api.put("/runners/{runner_id}", response_model=schemas.RunnerOut, tags=["runners"])
     async def put_runner(runner_id: str, body: schemas.RunnerIn) -> schemas.RunnerOut:

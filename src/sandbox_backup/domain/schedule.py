@@ -69,6 +69,9 @@ def backup_due(view: DueView, *, now: datetime.datetime, interval: datetime.time
         return None
 
     if view.state in (SandboxState.STOPPED, SandboxState.ARCHIVING):
+        # NOTE: both times come from manager clocks. A replica whose clock runs ahead of the one
+        # that recorded the stop can make an attempt dispatched before the stop look newer; keep
+        # replica clocks in sync (NTP) well within the time between a stop and its backup.
         covered = view.last_backup_started_at is not None and view.last_backup_started_at > view.state_changed_at
         if covered:
             return None

@@ -1,6 +1,6 @@
 """Archive: a sandbox leaves its runner only after a fresh backup is COMPLETED and verified.
 
-"Fresh" means dispatched after the archive began, so it holds everything the sandbox wrote before
+"Fresh" means dispatched after the archive began, so it contains everything the sandbox wrote before
 it was archived. The backup is verified in the registry (the tag resolves to the digest recorded
 at completion) before the container is destroyed on the runner.
 """
@@ -75,7 +75,7 @@ async def _destroy_on_runner(ctx: ManagerContext, sandbox: Sandbox) -> bool:
 
 
 async def _require_new_backup(ctx: ManagerContext, sandbox: Sandbox, backup_id: str, reason: str) -> None:
-    """The fresh backup failed verification: mark it broken so the due check queues another."""
+    """Mark the fresh backup broken after a failed verification, so the due check queues another."""
     now = ctx.now()
     async with ctx.db.transaction() as session:
         backup = await backups.get_backup(session, backup_id)

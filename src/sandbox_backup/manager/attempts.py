@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 
 from sandbox_backup import errors
@@ -18,7 +19,7 @@ async def complete_attempt(ctx: ManagerContext, backup: Backup, *, digest: str |
 
     Returns False when the attempt was not completed here: it had already ended, the registry has
     no such manifest (the attempt is failed), or the registry could not tell (it stays IN_PROGRESS
-    and the next progress check asks again).
+    and the next progress check tries again).
     """
     if not digest:
         found = await _resolve_digest(ctx, backup)
@@ -34,6 +35,7 @@ async def complete_attempt(ctx: ManagerContext, backup: Backup, *, digest: str |
         done = await backups.complete(session, current, digest=digest, size_bytes=size_bytes, layer_count=layer_count, now=now)
 
     if done:
+        ctx.metrics.record_attempt_end("completed", duration_s=_duration_s(backup, now), size_bytes=size_bytes)
         ctx.wake_archive.set()
         logger.info(
             "backup completed",
@@ -68,8 +70,12 @@ async def _resolve_digest(ctx: ManagerContext, backup: Backup) -> tuple[str, int
     return manifest.digest, manifest.size
 
 
-async def fail_attempt(ctx: ManagerContext, backup: Backup, *, reason: str, transient: bool) -> Backup | None:
-    """End `backup` in ERROR and queue the next attempt when the retry policy allows one."""
+async def fail_attempt(ctx: ManagerContext, backup: Backup, *, reason: str, transient: bool, outcome: str | None = None) -> Backup | None:
+    """End `backup` in ERROR and queue the next attempt when the retry policy allows one.
+
+    `outcome` is the metrics class of the failure ("timed_out", "lost"); by default it is
+    "failed_transient" or "failed_permanent".
+    """
     now = ctx.now()
     decision = ctx.retry_policy.decide(attempt=backup.attempt, transient=transient, now=now, rng=ctx.rng)
     async with ctx.db.transaction() as session:
@@ -82,6 +88,7 @@ async def fail_attempt(ctx: ManagerContext, backup: Backup, *, reason: str, tran
         logger.debug("failure ignored: the attempt already ended", extra={"action": "lost_race", "backup_id": backup.id})
         return None
 
+    ctx.metrics.record_attempt_end(outcome or ("failed_transient" if transient else "failed_permanent"), duration_s=_duration_s(backup, now))
     log_extra = {"sandbox_id": backup.sandbox_id, "backup_id": backup.id, "runner_id": backup.runner_id, "attempt": backup.attempt, "transient": transient, "reason": reason}
     if retry is not None:
         logger.warning("backup attempt failed; retrying", extra={"action": "backup_retry_scheduled", "next_backup_id": retry.id, "next_attempt_at": retry.next_attempt_at.isoformat(), **log_extra})
@@ -90,3 +97,8 @@ async def fail_attempt(ctx: ManagerContext, backup: Backup, *, reason: str, tran
     else:
         logger.error("backup failed: %s", decision.reason, extra={"action": "backup_failed", **log_extra})
     return retry
+
+
+def _duration_s(backup: Backup, now: datetime.datetime) -> float | None:
+    """Seconds since dispatch, or None for an attempt that was never dispatched."""
+    return (now - backup.started_at).total_seconds() if backup.started_at else None

@@ -85,7 +85,7 @@ async def _delete_repository(ctx: ManagerContext, registry, task: CleanupTask) -
 
 
 async def _digest_still_used(ctx: ManagerContext, task: CleanupTask) -> bool:
-    """A backup completed after the deletion was queued may share the manifest: keep it then."""
+    """Tell whether a live backup still uses the task's manifest (one may complete after the deletion was queued)."""
     async with ctx.db.transaction() as session:
         uses = await retention_queries.manifest_uses(session, [task.digest] if task.digest else [])
     return any(use.registry_id == task.registry_id and f"/{task.repository}:" in use.image_ref for use in uses)

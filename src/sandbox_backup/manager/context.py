@@ -1,4 +1,4 @@
-"""What every part of the manager shares: settings, database, locks, clock, HTTP and wake-ups."""
+"""Shared state of the manager's parts: settings, database, locks, clock, HTTP clients and wake-up events."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sandbox_backup.clock import Clock
 from sandbox_backup.config import Settings
 from sandbox_backup.coordination.base import Coordinator
 from sandbox_backup.domain.retry import RetryPolicy
+from sandbox_backup.metrics import ManagerMetrics
 from sandbox_backup.registry.client import RegistryClient
 from sandbox_backup.runner.client import RunnerClient
 from sandbox_backup.store.models import Registry, Runner
@@ -27,6 +28,7 @@ class ManagerContext:
     clock: Clock
     http: httpx.AsyncClient
     rng: random.Random = dataclasses.field(default_factory=random.Random)
+    metrics: ManagerMetrics = dataclasses.field(default_factory=ManagerMetrics)
     # Set to run a job at once instead of at its next tick.
     wake_dispatch: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     wake_cleanup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -54,7 +56,7 @@ class ManagerContext:
         return self.clock.now()
 
     def runner_client(self, runner: Runner) -> RunnerClient:
-        """A client for one runner over the shared connection pool; closing it leaves the pool open."""
+        """Return a client for one runner over the shared connection pool; closing it leaves the pool open."""
         return RunnerClient(runner.api_url, runner.token, runner_id=runner.id, timeout_s=self.settings.runner_timeout_s, http=self.http)
 
     def registry_client(self, registry: Registry) -> RegistryClient:

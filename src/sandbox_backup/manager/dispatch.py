@@ -46,6 +46,7 @@ async def _claim(ctx: ManagerContext, candidate: DispatchCandidate) -> ClaimedAt
     async with ctx.db.transaction() as session:
         if not await backups.claim(session, candidate, now=ctx.now()):
             return None
+        ctx.metrics.attempts_started.inc()
         backup = await backups.get_backup(session, candidate.backup_id)
         runner = await fleet.get_runner(session, candidate.runner_id)
         registry = await fleet.get_registry(session, backup.registry_id) if backup else None

@@ -23,6 +23,7 @@ async def probe_runners(ctx: ManagerContext) -> int:
 async def _probe(ctx: ManagerContext, runner: Runner) -> bool:
     async with ctx.runner_calls:
         answered = await ctx.runner_client(runner).health()
+    ctx.metrics.runner_probes.labels(runner.id, "answered" if answered else "unanswered").inc()
     async with ctx.db.transaction() as session:
         new_state = await fleet.record_probe(session, runner, answered=answered, now=ctx.now(), unresponsive_after=ctx.settings.runner_unresponsive_after)
     if new_state is not None:

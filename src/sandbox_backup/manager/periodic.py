@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from sandbox_backup.coordination import keys
 from sandbox_backup.coordination.base import Coordinator, LockNotAcquired
+from sandbox_backup.metrics import ManagerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class PeriodicJob:
         coordinator: Coordinator,
         wake: asyncio.Event | None = None,
         lock_ttl_s: float | None = None,
+        metrics: ManagerMetrics | None = None,
     ) -> None:
         self.name = name
         self.body = body
@@ -37,6 +39,7 @@ class PeriodicJob:
         self.coordinator = coordinator
         self.wake = wake or asyncio.Event()
         self.lock_ttl_s = lock_ttl_s or max(30.0, interval_s * 3)
+        self.metrics = metrics
 
     async def run_forever(self) -> None:
         logger.info("periodic job started", extra={"action": "job_started", "job": self.name, "interval_s": self.interval_s})
@@ -50,11 +53,17 @@ class PeriodicJob:
         try:
             async with self.coordinator.hold(keys.job_lock_name(self.name), ttl_s=self.lock_ttl_s, renew=True):
                 handled = await self.body()
+                if self.metrics is not None:
+                    self.metrics.job_duration.labels(self.name).observe(time.monotonic() - started)
         except LockNotAcquired:
+            if self.metrics is not None:
+                self.metrics.job_skipped.labels(self.name).inc()
             return None
         except asyncio.CancelledError:
             raise
         except Exception:
+            if self.metrics is not None:
+                self.metrics.job_failures.labels(self.name).inc()
             logger.exception("periodic job failed; it runs again at its next tick", extra={"action": "job_failed", "job": self.name})
             return None
 

@@ -206,6 +206,7 @@ async def _try_candidate(ctx: ManagerContext, restore: Restore, sandbox: Sandbox
         return None
 
     check, detail = await check_in_registry(ctx, registry, backup)
+    ctx.metrics.registry_up.labels(registry.id).set(0 if check == RegistryCheck.UNKNOWN else 1)
     if check == RegistryCheck.UNKNOWN:
         return await _postpone(ctx, restore, f"registry {registry.url} could not tell whether backup {backup.id} exists: {detail}")
     if check == RegistryCheck.MISSING:
@@ -331,6 +332,7 @@ async def _succeed(ctx: ManagerContext, restore: Restore, sandbox: Sandbox, runn
 
     if not finished:
         return await _discard(ctx, restore, runner)
+    ctx.metrics.record_restore_end(restore.purpose, "completed", duration_s=(now - restore.created_at).total_seconds())
 
     logger.info(
         "restore completed",
@@ -420,6 +422,8 @@ async def _fail(ctx: ManagerContext, restore: Restore, reason: str, *, no_backup
         finished = await restores.finish(session, restore.id, state=RestoreState.FAILED, now=now, error_reason=reason)
         if finished and restore.purpose == RestorePurpose.RESTORE.value:
             await sandboxes.mark_error(session, restore.sandbox_id, reason=f"restore failed: {reason}", now=now)
+    if finished:
+        ctx.metrics.record_restore_end(restore.purpose, "failed", duration_s=(now - restore.created_at).total_seconds())
     logger.error(
         "restore failed",
         extra={"action": "restore_failed", "restore_id": restore.id, "purpose": restore.purpose, "sandbox_id": restore.sandbox_id, "reason": reason, "no_verified_backup": no_backup},

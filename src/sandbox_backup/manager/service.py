@@ -16,6 +16,7 @@ from sandbox_backup.coordination.factory import create_coordinator
 from sandbox_backup.manager import archive, cleanup, dispatch, drain, health, restore, retention, scheduling, tracking, verification
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.manager.periodic import PeriodicJob
+from sandbox_backup.metrics import ManagerMetrics
 from sandbox_backup.store import database
 from sandbox_backup.store.transaction import Database
 
@@ -41,6 +42,8 @@ class BackupManager:
             PeriodicJob("retention", self.prune, interval_s=settings.retention_interval_s, coordinator=ctx.coordinator),
             PeriodicJob("verification", self.verify, interval_s=settings.verify_interval_s, coordinator=ctx.coordinator),
         ]
+        for job in self.jobs:
+            job.metrics = ctx.metrics
         self._tasks: list[asyncio.Task[None]] = []
 
     # Periodic job bodies; tests call them directly with a manual clock.
@@ -108,6 +111,7 @@ async def open_manager(
     clock: Clock | None = None,
     coordinator: Coordinator | None = None,
     rng: random.Random | None = None,
+    metrics: ManagerMetrics | None = None,
 ) -> BackupManager:
     """Connect to the database (applying migrations) and the coordinator, and build a manager."""
     engine = database.create_engine(settings.effective_database_url())
@@ -122,5 +126,6 @@ async def open_manager(
         clock=clock or SystemClock(),
         http=httpx.AsyncClient(limits=limits),
         rng=rng or random.Random(),
+        metrics=metrics or ManagerMetrics(),
     )
     return BackupManager(ctx)

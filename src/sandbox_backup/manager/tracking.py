@@ -80,11 +80,11 @@ async def _check(ctx: ManagerContext, backup: Backup, runner: Runner | None) -> 
     started = backup.started_at or backup.created_at
     age = now - started
     if runner is None:
-        await attempts.fail_attempt(ctx, backup, reason=f"runner {backup.runner_id!r} is no longer registered", transient=True)
+        await attempts.fail_attempt(ctx, backup, reason=f"runner {backup.runner_id!r} is no longer registered", transient=True, outcome="lost")
         return True
     if age > datetime.timedelta(seconds=ctx.settings.attempt_deadline_s):
         reason = f"backup timed out: still in progress on runner {runner.id} after {ctx.settings.attempt_deadline_s:.0f} s"
-        await attempts.fail_attempt(ctx, backup, reason=reason, transient=True)
+        await attempts.fail_attempt(ctx, backup, reason=reason, transient=True, outcome="timed_out")
         return True
 
     info = await _ask_runner(ctx, backup, runner)
@@ -116,7 +116,7 @@ async def _apply_info(ctx: ManagerContext, backup: Backup, runner: Runner, info:
             await _touch(ctx, backup)
             return False
         reason = f"runner {runner.id} no longer knows this attempt (it may have restarted or started a newer backup)"
-        await attempts.fail_attempt(ctx, backup, reason=reason, transient=True)
+        await attempts.fail_attempt(ctx, backup, reason=reason, transient=True, outcome="lost")
         return True
 
     assert info is not None

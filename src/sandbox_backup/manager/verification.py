@@ -83,7 +83,9 @@ async def verify_backup(ctx: ManagerContext, backup_id: str) -> VerifyOutcome:
     if backup.broken_at is not None:
         return VerifyOutcome.BROKEN
 
-    return (await _verify(ctx, backup)).outcome
+    result = await _verify(ctx, backup)
+    ctx.metrics.record_verification(backup.registry_id, result.outcome.value, registry_answered=not result.registry_unreachable)
+    return result.outcome
 
 
 async def verify_due(ctx: ManagerContext) -> int:
@@ -113,6 +115,7 @@ async def verify_due(ctx: ManagerContext) -> int:
             tried.add(backup.id)
             result = await _verify(ctx, backup)
             outcomes[result.outcome] += 1
+            ctx.metrics.record_verification(backup.registry_id, result.outcome.value, registry_answered=not result.registry_unreachable)
             if result.registry_unreachable:
                 unreachable.add(backup.registry_id)
 

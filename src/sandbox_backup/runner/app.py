@@ -11,6 +11,7 @@ import uvicorn
 
 import sandbox_backup
 from sandbox_backup.runner import agent_routes, routes
+from sandbox_backup.runner import metrics as runner_metrics
 from sandbox_backup.runner.backup import BackupJobs
 from sandbox_backup.runner.context import RunnerContext
 from sandbox_backup.runner.discovery import SandboxDiscovery
@@ -29,6 +30,8 @@ def create_app(settings: RunnerSettings, *, engine: DockerEngine | None = None) 
     An `engine` passed in stays open after the app stops; one the app creates from
     `settings.docker_host` is closed with it.
     """
+    # Created with the app, not in the lifespan, so /metrics answers even before the engine opens.
+    metrics = runner_metrics.RunnerMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: fastapi.FastAPI) -> AsyncIterator[None]:
@@ -47,6 +50,7 @@ def create_app(settings: RunnerSettings, *, engine: DockerEngine | None = None) 
             pause_on_commit=settings.pause_on_commit,
             timeout_s=settings.backup_timeout_s,
             flatten_threshold_layers=settings.flatten_threshold_layers,
+            metrics=metrics,
         )
         app.state.runner = RunnerContext(settings=settings, engine=active_engine, store=store, jobs=jobs)
         jobs.recover_interrupted()
@@ -81,6 +85,11 @@ def create_app(settings: RunnerSettings, *, engine: DockerEngine | None = None) 
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(agent_routes.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def get_metrics() -> fastapi.Response:
+        return fastapi.Response(metrics.render(), media_type=runner_metrics.CONTENT_TYPE)
+
     return app
 
 

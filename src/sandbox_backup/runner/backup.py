@@ -22,6 +22,7 @@ from sandbox_backup.runner.engine import CommittedImage, DockerEngine, Operation
 from sandbox_backup.runner.failures import ContainerNotFound
 from sandbox_backup.runner.flatten import remove_stale_temp_files
 from sandbox_backup.runner.manifest_digest import resolve_manifest_digest
+from sandbox_backup.runner.metrics import RunnerMetrics
 from sandbox_backup.runner.models import BackupReport, CreateBackupRequest, RunnerBackupState
 from sandbox_backup.runner.push_stream import StreamAbort
 from sandbox_backup.runner.reporter import Reporter
@@ -112,7 +113,9 @@ class BackupJobs:
         pause_on_commit: bool,
         timeout_s: float,
         flatten_threshold_layers: int,
+        metrics: RunnerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or RunnerMetrics()
         self._engine = engine
         self._store = store
         self._reporter = reporter
@@ -232,9 +235,10 @@ class BackupJobs:
         snapshot = attempt.request.snapshot
         images: list[CommittedImage] = []
         try:
-            image = await attempt.wait(
-                self._engine.commit(attempt.container_id, snapshot, pause=self._pause_on_commit)
-            )
+            with self._metrics.commit_duration.time():
+                image = await attempt.wait(
+                    self._engine.commit(attempt.container_id, snapshot, pause=self._pause_on_commit)
+                )
             images.append(image)
             attempt.raise_if_stopped()
 
@@ -242,9 +246,10 @@ class BackupJobs:
                 image = await self._flatten(attempt, image, images, extra)
 
             try:
-                digest = await attempt.wait(
-                    self._engine.push(snapshot, attempt.request.registry.auth_config(), attempt.abort)
-                )
+                with self._metrics.push_duration.time():
+                    digest = await attempt.wait(
+                        self._engine.push(snapshot, attempt.request.registry.auth_config(), attempt.abort)
+                    )
             except OperationAborted:
                 attempt.raise_if_stopped()
                 raise
@@ -289,6 +294,7 @@ class BackupJobs:
             attempt.raise_if_stopped()
             raise
         images.append(flattened.image)
+        self._metrics.flattens.inc()
         attempt.raise_if_stopped()
 
         seconds = loop.time() - started
@@ -342,6 +348,7 @@ class BackupJobs:
             )
             return None
         logger.info("backup to %s finished: %s", attempt.request.snapshot, outcome.state.value, extra=extra)
+        self._metrics.backups.labels(outcome.state.value.lower()).inc()
         return self._store.get(attempt.sandbox_id)
 
     def _report(self, record: BackupRecord) -> None:
