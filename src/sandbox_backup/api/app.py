@@ -140,7 +140,8 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
     ) -> list[schemas.SandboxOut]:
         async with ctx.db.transaction() as session:
             rows = await sandboxes.list_sandboxes(session, limit=limit, offset=offset)
-        return [schemas.SandboxOut.model_validate(s) for s in rows]
+            owed = await cleanup.owed_counts(session, [row.id for row in rows])
+        return [schemas.SandboxOut.model_validate(row).model_copy(update={"owed_deletions": owed.get(row.id, 0)}) for row in rows]
 
     @api.post("/sandboxes/{sandbox_id}/events", response_model=schemas.SandboxOut, tags=["sandboxes"])
     async def post_event(sandbox_id: str, body: schemas.EventIn) -> schemas.SandboxOut:

@@ -65,3 +65,15 @@ async def owed_count(session: AsyncSession, *, sandbox_id: str | None = None) ->
     if sandbox_id is not None:
         statement = statement.where(CleanupTask.sandbox_id == sandbox_id)
     return (await session.execute(statement)).scalar_one()
+
+
+async def owed_counts(session: AsyncSession, sandbox_ids: list[str]) -> dict[str, int]:
+    """Deletions still owed per sandbox, for the given ids (absent means none)."""
+    if not sandbox_ids:
+        return {}
+    statement = (
+        sa.select(CleanupTask.sandbox_id, sa.func.count())
+        .where(CleanupTask.done_at.is_(None), CleanupTask.sandbox_id.in_(sandbox_ids))
+        .group_by(CleanupTask.sandbox_id)
+    )
+    return {sandbox_id: count for sandbox_id, count in (await session.execute(statement)).all()}
