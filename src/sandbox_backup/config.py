@@ -7,8 +7,12 @@ and a value out of range fails with the key and the allowed range in the message
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
+import tomllib
+import typing
+import urllib.parse
 from typing import Any
 
 import pydantic
@@ -31,7 +35,10 @@ class Settings(pydantic_settings.BaseSettings):
     # REST API.
     api_host: str = pydantic.Field("127.0.0.1", description="Address the manager API binds to.")
     api_port: int = pydantic.Field(8200, ge=1, le=65535, description="Port of the manager API.")
-    api_token: pydantic.SecretStr = pydantic.Field(pydantic.SecretStr(""), description="Bearer token every API call must carry.")
+    api_token: pydantic.SecretStr = pydantic.Field(pydantic.SecretStr(""), description="Admin bearer token, allowed on every API call. `serve` exits with an error when it is empty.")
+    api_read_token: pydantic.SecretStr | None = pydantic.Field(
+        None, description="Read-only bearer token, allowed only on GET calls under /api/v1. Unset means no read-only token is accepted."
+    )
 
     # Schedule.
     backup_interval_s: float = pydantic.Field(3600.0, ge=60, le=30 * 86400, description="A running sandbox is due when its last completed backup is older than this.")
@@ -66,6 +73,7 @@ class Settings(pydantic_settings.BaseSettings):
     restore_max_attempts: int = pydantic.Field(6, ge=1, le=100, description="Tries of a restore while the registry or runner cannot be reached, before it fails.")
     archive_interval_s: float = pydantic.Field(10.0, ge=1, le=3600, description="How often archiving sandboxes with a fresh backup are finished.")
     drain_interval_s: float = pydantic.Field(15.0, ge=1, le=3600, description="How often draining runners are worked off.")
+    shutdown_grace_s: float = pydantic.Field(30.0, ge=0, le=3600, description="Seconds a stopping manager waits for running job bodies before it cancels them.")
 
     # Registry cleanup.
     cleanup_interval_s: float = pydantic.Field(30.0, ge=1, le=86400, description="How often owed registry deletions are worked off.")
@@ -103,6 +111,10 @@ class Settings(pydantic_settings.BaseSettings):
             raise ValueError(
                 f"retry_max_delay_s ({self.retry_max_delay_s}) must be at least retry_base_delay_s ({self.retry_base_delay_s})"
             )
+        # An equal read token would be matched as the admin token, so the read-only limit would never apply.
+        read_token = self.api_read_token.get_secret_value() if self.api_read_token else ""
+        if read_token and read_token == self.api_token.get_secret_value():
+            raise ValueError("api_read_token must differ from api_token. Set a different read-only token.")
         return self
 
     @classmethod
@@ -159,3 +171,80 @@ def format_validation_error(exc: pydantic.ValidationError) -> str:
         env_name = ENV_PREFIX + key.upper()
         lines.append(f"{env_name} ({key}): {error['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+MASK = "********"
+# Settings whose URL may carry a password, as in postgresql://user:password@host/db.
+URL_SETTINGS = ("database_url", "coordination_url")
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingView:
+    """One setting as `config show` prints it: `value` is JSON-compatible, and a set secret is MASK."""
+
+    name: str
+    env_name: str
+    value: Any
+    source: str  # "env", "file" or "default"
+    secret: bool
+
+
+def describe_settings() -> list[SettingView]:
+    """Load the settings and record for each one whether the environment, the TOML file or the default set it.
+
+    The source follows the precedence of `Settings`: an environment variable wins over the file.
+    Passwords inside database_url and coordination_url are masked too. Raises ConfigError when a
+    value is invalid or the TOML file cannot be parsed.
+    """
+    config_file = os.environ.get(CONFIG_FILE_ENV)
+    file_values = _read_config_file(config_file) if config_file else {}
+    settings = load_settings()
+    values = settings.model_dump(mode="json")
+    # pydantic-settings matches environment variable names case-insensitively by default.
+    env_names = {name.lower() for name in os.environ}
+    file_keys = {key.lower() for key in file_values}
+
+    views = []
+    for name, field in Settings.model_fields.items():
+        env_name = ENV_PREFIX + name.upper()
+        if env_name.lower() in env_names:
+            source = "env"
+        elif name in file_keys:
+            source = "file"
+        else:
+            source = "default"
+        secret = _is_secret(field.annotation)
+        value = values[name]
+        if secret:
+            raw = getattr(settings, name)
+            value = MASK if raw is not None and raw.get_secret_value() else None
+        elif name in URL_SETTINGS and value:
+            value = mask_url_password(value)
+        views.append(SettingView(name=name, env_name=env_name, value=value, source=source, secret=secret))
+    return views
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    # Like pydantic-settings, a missing file contributes nothing.
+    file_path = pathlib.Path(path)
+    if not file_path.is_file():
+        return {}
+    try:
+        with file_path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid configuration:\n  {CONFIG_FILE_ENV} ({path}): invalid TOML ({exc}). Fix the file or unset {CONFIG_FILE_ENV}.") from exc
+
+
+def _is_secret(annotation: Any) -> bool:
+    return annotation is pydantic.SecretStr or pydantic.SecretStr in typing.get_args(annotation)
+
+
+def mask_url_password(url: str) -> str:
+    """Replace the password of a URL such as redis://:secret@host:6379/0 with MASK."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))

@@ -1,4 +1,9 @@
-"""The manager's REST API (FastAPI). Every path but /health and /metrics needs `Authorization: Bearer <token>`."""
+"""The manager's REST API (FastAPI). Every path but /health and /metrics needs `Authorization: Bearer <token>`.
+
+The admin token (`api_token`) is allowed on every call under /api/v1. The optional read-only token
+(`api_read_token`) is allowed only on GET calls there. Runner report and discovery calls carry the
+runner's own token instead.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from fastapi.responses import JSONResponse
 from sandbox_backup import errors, metrics
 from sandbox_backup.api import discovery_routes, schemas
 from sandbox_backup.domain import reference
-from sandbox_backup.domain.states import RestorePurpose, RunnerState
+from sandbox_backup.domain.states import BackupState, RestorePurpose, RunnerState, SandboxBackupState, SandboxState
 from sandbox_backup.manager import drain, lifecycle, restore, retention, tracking, verification
 from sandbox_backup.manager.service import BackupManager
 from sandbox_backup.runner.models import BackupReport
@@ -26,6 +31,8 @@ from sandbox_backup.store import backups, cleanup, fleet, restores, sandboxes
 logger = logging.getLogger(__name__)
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Upper bound of `offset` on the list endpoints, which keeps huge numbers out of the SQL OFFSET clause.
+MAX_OFFSET = 2**31 - 1
 
 ERROR_STATUS = {
     errors.InvalidInput: status.HTTP_400_BAD_REQUEST,
@@ -40,16 +47,30 @@ def _bearer(authorization: str | None) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
+def _token_matches(token: str, expected: str) -> bool:
+    # An unset token never matches, and the comparison takes constant time.
+    return bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
+
+
 def create_app(manager: BackupManager) -> fastapi.FastAPI:
     """Build the API app around a manager."""
     app = fastapi.FastAPI(title="sandbox-backup manager", version="0.1.0")
     ctx = manager.ctx
-    expected_token = ctx.settings.api_token.get_secret_value()
+    admin_token = ctx.settings.api_token.get_secret_value()
+    read_token = ctx.settings.api_read_token.get_secret_value() if ctx.settings.api_read_token else ""
 
-    async def require_token(authorization: Annotated[str | None, fastapi.Header()] = None) -> None:
+    async def require_token(request: fastapi.Request, authorization: Annotated[str | None, fastapi.Header()] = None) -> None:
         token = _bearer(authorization)
-        if not expected_token or not hmac.compare_digest(token.encode(), expected_token.encode()):
-            raise fastapi.HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token; send Authorization: Bearer <api token>")
+        if _token_matches(token, admin_token):
+            return
+        if _token_matches(token, read_token):
+            if request.method == "GET":
+                return
+            raise fastapi.HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"the read-only token may call only GET endpoints under /api/v1, not {request.method}. Send the admin token (api_token) for this call.",
+            )
+        raise fastapi.HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token; send Authorization: Bearer <api token>")
 
     _install_error_handlers(app)
     api = fastapi.APIRouter(prefix="/api/v1", dependencies=[fastapi.Depends(require_token)])
@@ -136,10 +157,17 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
 
     @api.get("/sandboxes", response_model=list[schemas.SandboxOut], tags=["sandboxes"])
     async def list_sandboxes(
-        limit: Annotated[int, fastapi.Query(ge=1, le=1000)] = 100, offset: Annotated[int, fastapi.Query(ge=0, le=2**31 - 1)] = 0
+        limit: Annotated[int, fastapi.Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, fastapi.Query(ge=0, le=MAX_OFFSET)] = 0,
+        state: Annotated[SandboxState | None, fastapi.Query(description="Only sandboxes in this state.")] = None,
+        backup_state: Annotated[SandboxBackupState | None, fastapi.Query(alias="backupState", description="Only sandboxes whose current backup is in this state.")] = None,
+        runner_id: Annotated[str | None, fastapi.Query(alias="runnerId", min_length=1, max_length=128, description="Only sandboxes on this runner.")] = None,
+        organization_id: Annotated[str | None, fastapi.Query(alias="organizationId", min_length=1, max_length=128, description="Only sandboxes of this organization.")] = None,
     ) -> list[schemas.SandboxOut]:
         async with ctx.db.transaction() as session:
-            rows = await sandboxes.list_sandboxes(session, limit=limit, offset=offset)
+            rows = await sandboxes.list_sandboxes(
+                session, limit=limit, offset=offset, state=state, backup_state=backup_state, runner_id=runner_id, organization_id=organization_id
+            )
             owed = await cleanup.owed_counts(session, [row.id for row in rows])
         return [schemas.SandboxOut.model_validate(row).model_copy(update={"owed_deletions": owed.get(row.id, 0)}) for row in rows]
 
@@ -156,10 +184,15 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
         return schemas.BackupOut.model_validate(await lifecycle.request_backup(ctx, sandbox_id))
 
     @api.get("/sandboxes/{sandbox_id}/backups", response_model=list[schemas.BackupOut], tags=["backups"])
-    async def list_backups(sandbox_id: str) -> list[schemas.BackupOut]:
+    async def list_backups(
+        sandbox_id: str,
+        limit: Annotated[int, fastapi.Query(ge=1, le=1000)] = 1000,
+        offset: Annotated[int, fastapi.Query(ge=0, le=MAX_OFFSET)] = 0,
+        state: Annotated[BackupState | None, fastapi.Query(description="Only attempts in this state.")] = None,
+    ) -> list[schemas.BackupOut]:
         await lifecycle.get_sandbox(ctx, sandbox_id)
         async with ctx.db.transaction() as session:
-            rows = await backups.list_for_sandbox(session, sandbox_id)
+            rows = await backups.list_for_sandbox(session, sandbox_id, limit=limit, offset=offset, state=state)
         return [schemas.BackupOut.model_validate(b) for b in rows]
 
     @api.get("/backups/{backup_id}", response_model=schemas.BackupOut, tags=["backups"])
@@ -320,7 +353,7 @@ def _install_error_handlers(app: fastapi.FastAPI) -> None:
 
     @app.exception_handler(fastapi.HTTPException)
     async def on_http_error(request: fastapi.Request, exc: fastapi.HTTPException) -> JSONResponse:
-        code = "Unauthorized" if exc.status_code == 401 else "HTTPError"
+        code = {status.HTTP_401_UNAUTHORIZED: "Unauthorized", status.HTTP_403_FORBIDDEN: "Forbidden"}.get(exc.status_code, "HTTPError")
         return JSONResponse(body(code, str(exc.detail)), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sandbox_backup.cli import client_commands, fleet_commands, server_commands
+from sandbox_backup.cli import client_commands, config_commands, fleet_commands, server_commands
 
 HELP = """Backup control plane for fleets of container sandboxes.
 
@@ -32,6 +32,8 @@ runners_app = typer.Typer(help="List, register and drain runners.", no_args_is_h
 app.add_typer(runners_app, name="runners")
 registries_app = typer.Typer(help="List and register the registries backups are pushed to.", no_args_is_help=True)
 app.add_typer(registries_app, name="registries")
+config_app = typer.Typer(help="Show the manager's effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 app.command("serve")(server_commands.serve)
 app.command("up")(server_commands.up)
@@ -53,6 +55,7 @@ runners_app.command("add")(fleet_commands.runners_add)
 runners_app.command("drain")(fleet_commands.runners_drain)
 registries_app.command("ls")(fleet_commands.registries_ls)
 registries_app.command("add")(fleet_commands.registries_add)
+config_app.command("show")(config_commands.config_show)
 
 
 if __name__ == "__main__":

@@ -53,15 +53,24 @@ def serve() -> None:
     asyncio.run(_serve_manager(settings))
 
 
-async def _serve_manager(settings: Settings, *extra_servers: servers.EmbeddedServer, on_ready=None) -> None:  # type: ignore[no-untyped-def]
+async def _serve_manager(settings: Settings, *extra_servers: servers.EmbeddedServer, on_ready=None, drain_extra=None) -> None:  # type: ignore[no-untyped-def]
     manager = await open_manager(settings)
     try:
         if on_ready is not None:
             await on_ready(manager)
         await manager.start()
-        api_server = servers.make_server(create_app(manager), host=settings.api_host, port=settings.api_port)
+        app = servers.RejectWritesWhileDraining(create_app(manager), lambda: manager.draining)
+        api_server = servers.make_server(app, host=settings.api_host, port=settings.api_port)
         logger.info("manager API listening", extra={"action": "api_listening", "url": f"http://{settings.api_host}:{settings.api_port}"})
-        await servers.serve_all(api_server, *extra_servers)
+
+        async def drain() -> None:
+            # The API keeps serving reads (and rejecting writes) until the jobs have drained.
+            if drain_extra is None:
+                await manager.stop()
+            else:
+                await asyncio.gather(manager.stop(), drain_extra())
+
+        await servers.serve_all(api_server, *extra_servers, before_exit=drain)
     finally:
         await manager.aclose()
 
@@ -119,4 +128,8 @@ def up(
         logger.info("local runner and registry registered", extra={"action": "local_parts_registered", "runner_id": runner_settings.runner_id, "registry_url": registry_url})
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(_serve_manager(settings, runner_server, on_ready=register_local_parts))
+
+    async def drain_runner() -> None:
+        await runner_app.drain_backups(runner_server.config.app)
+
+    asyncio.run(_serve_manager(settings, runner_server, on_ready=register_local_parts, drain_extra=drain_runner))

@@ -40,19 +40,38 @@ class PeriodicJob:
         self.wake = wake or asyncio.Event()
         self.lock_ttl_s = lock_ttl_s or max(30.0, interval_s * 3)
         self.metrics = metrics
+        # Set by request_stop(): no new tick starts, and a body that is running may finish.
+        self.stopping = False
+        self.body_running = False
 
     async def run_forever(self) -> None:
+        """Run ticks until request_stop(); return after the body that was running has ended."""
         logger.info("periodic job started", extra={"action": "job_started", "job": self.name, "interval_s": self.interval_s})
-        while True:
+        while not self.stopping:
             await self.run_once()
             await self._sleep()
 
+    def request_stop(self) -> None:
+        """Start no new tick, and end a sleep at once so `run_forever` returns."""
+        self.stopping = True
+        self.wake.set()
+
     async def run_once(self) -> int | None:
-        """Run the body once if this replica gets the lock; return what it handled, or None."""
+        """Run the body once if this replica gets the lock; return what it handled, or None.
+
+        Returns None without running the body after request_stop().
+        """
+        if self.stopping:
+            return None
         started = time.monotonic()
         try:
+            # Leaving the block releases the lock, also when a shutdown cancels the body.
             async with self.coordinator.hold(keys.job_lock_name(self.name), ttl_s=self.lock_ttl_s, renew=True):
-                handled = await self.body()
+                self.body_running = True
+                try:
+                    handled = await self.body()
+                finally:
+                    self.body_running = False
                 if self.metrics is not None:
                     self.metrics.job_duration.labels(self.name).observe(time.monotonic() - started)
         except LockNotAcquired:
@@ -73,6 +92,8 @@ class PeriodicJob:
         return handled
 
     async def _sleep(self) -> None:
+        if self.stopping:
+            return
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout=self.interval_s)
         self.wake.clear()

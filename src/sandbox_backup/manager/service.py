@@ -45,6 +45,7 @@ class BackupManager:
         for job in self.jobs:
             job.metrics = ctx.metrics
         self._tasks: list[asyncio.Task[None]] = []
+        self._draining = False
 
     # Periodic job bodies; tests call them directly with a manual clock.
     async def check_running_due(self) -> int:
@@ -88,15 +89,47 @@ class BackupManager:
         self._tasks = [asyncio.create_task(job.run_forever(), name=f"job:{job.name}") for job in self.jobs]
         logger.info("manager started", extra={"action": "manager_started", "jobs": [job.name for job in self.jobs]})
 
-    async def stop(self) -> None:
-        """Stop the periodic jobs; attempts in flight stay recorded and are picked up after a restart."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
-        logger.info("manager stopped", extra={"action": "manager_stopped"})
+    @property
+    def draining(self) -> bool:
+        """Whether stop() has begun: the served API then rejects mutating calls, and no job starts a new tick."""
+        return self._draining
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop the periodic jobs, giving job bodies that are running `grace_s` seconds to finish.
+
+        `grace_s` defaults to the `shutdown_grace_s` setting. Bodies still running at the
+        deadline are cancelled, which releases their job locks. Attempts in flight stay
+        recorded in the database, and the next manager's progress job picks them up.
+        """
+        self._draining = True
+        tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
+        grace_s = self.ctx.settings.shutdown_grace_s if grace_s is None else grace_s
+        running = [job.name for job in self.jobs if job.body_running]
+        logger.info(
+            "manager stopping: %d job(s) running, waiting up to %.0f s for them",
+            len(running),
+            grace_s,
+            extra={"action": "manager_stopping", "jobs_running": running, "grace_s": grace_s},
+        )
+        for job in self.jobs:
+            job.request_stop()
+        try:
+            await asyncio.wait(tasks, timeout=grace_s)
+        finally:
+            # Also runs when the caller cancels stop(), such as on a second signal.
+            cancelled = [job.name for job in self.jobs if job.body_running]
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        logger.info(
+            "manager stopped: %d job(s) cancelled at the deadline",
+            len(cancelled),
+            extra={"action": "manager_stopped", "jobs_cancelled": cancelled},
+        )
 
     async def aclose(self) -> None:
         await self.stop()

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import fastapi
-import uvicorn
+import fastapi.responses
 
 import sandbox_backup
+from sandbox_backup import servers
 from sandbox_backup.runner import agent_routes, routes
 from sandbox_backup.runner import metrics as runner_metrics
-from sandbox_backup.runner.backup import BackupJobs
+from sandbox_backup.runner.backup import AgentShuttingDown, BackupJobs
 from sandbox_backup.runner.context import RunnerContext
 from sandbox_backup.runner.discovery import SandboxDiscovery
 from sandbox_backup.runner.engine import DockerEngine
-from sandbox_backup.runner.http_errors import install_error_handlers
+from sandbox_backup.runner.http_errors import error_response, install_error_handlers
 from sandbox_backup.runner.reporter import Reporter
 from sandbox_backup.runner.settings import RunnerSettings
 from sandbox_backup.runner.state import BackupStateStore
@@ -51,6 +53,7 @@ def create_app(settings: RunnerSettings, *, engine: DockerEngine | None = None) 
             timeout_s=settings.backup_timeout_s,
             flatten_threshold_layers=settings.flatten_threshold_layers,
             metrics=metrics,
+            shutdown_grace_s=settings.shutdown_grace_s,
         )
         app.state.runner = RunnerContext(settings=settings, engine=active_engine, store=store, jobs=jobs)
         jobs.recover_interrupted()
@@ -83,6 +86,7 @@ def create_app(settings: RunnerSettings, *, engine: DockerEngine | None = None) 
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_exception_handler(AgentShuttingDown, _shutting_down)
     app.include_router(routes.router)
     app.include_router(agent_routes.router)
 
@@ -94,9 +98,25 @@ def create_app(settings: RunnerSettings, *, engine: DockerEngine | None = None) 
 
 
 def serve(settings: RunnerSettings) -> None:
-    """Run the agent with uvicorn on `settings.host:settings.port` until it is stopped."""
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None)
-    uvicorn.Server(config).run()
+    """Run the agent with uvicorn on `settings.host:settings.port` until SIGINT or SIGTERM.
+
+    On the signal the agent first drains its backups while it still serves requests
+    (new backups get 503), then stops listening.
+    """
+    app = create_app(settings)
+    server = servers.make_server(app, host=settings.host, port=settings.port)
+    asyncio.run(servers.serve_all(server, before_exit=lambda: drain_backups(app)))
+
+
+async def drain_backups(app: fastapi.FastAPI) -> None:
+    """Reject new backups and wait up to `shutdown_grace_s` for running ones; see BackupJobs.drain."""
+    context = getattr(app.state, "runner", None)
+    if context is not None:
+        await context.jobs.drain()
+
+
+async def _shutting_down(request: fastapi.Request, exc: Exception) -> fastapi.responses.JSONResponse:
+    return error_response(request, 503, str(exc), "SHUTTING_DOWN")
 
 
 def _make_reporter(settings: RunnerSettings) -> Reporter | None:

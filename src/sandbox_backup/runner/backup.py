@@ -33,8 +33,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Time that shutdown gives running attempts to abort and remove their images.
+# Time that shutdown gives aborted attempts to end and remove their images.
 SHUTDOWN_GRACE_S = 30.0
+
+
+class AgentShuttingDown(errors.SandboxBackupError):
+    """The agent is shutting down and starts no new backup."""
 
 
 class _AttemptStopped(Exception):
@@ -114,8 +118,11 @@ class BackupJobs:
         timeout_s: float,
         flatten_threshold_layers: int,
         metrics: RunnerMetrics | None = None,
+        shutdown_grace_s: float = 30.0,
     ) -> None:
         self._metrics = metrics or RunnerMetrics()
+        self._shutdown_grace_s = shutdown_grace_s
+        self._draining = False
         self._engine = engine
         self._store = store
         self._reporter = reporter
@@ -134,6 +141,10 @@ class BackupJobs:
         Raises InvalidInput for a bad snapshot and ContainerNotFound when no container exists.
         """
         validate_snapshot_target(request.snapshot, request.registry.url, for_push=True)
+        if self._draining:
+            raise AgentShuttingDown(
+                f"the runner agent is shutting down and starts no backup of {sandbox_id!r}; retry after it restarts"
+            )
         existing = self._store.get(sandbox_id)
         if existing is not None and _is_repeat(existing, request.snapshot):
             return self._log_repeat(existing)
@@ -192,12 +203,33 @@ class BackupJobs:
             self._report(record)
         return records
 
+    async def drain(self) -> None:
+        """Reject new backups and wait up to `shutdown_grace_s` for running attempts to finish.
+
+        Attempts that finish in time record and report their outcome as usual. Only the
+        first call waits, so aclose() after a drain on a signal stops what is left at once.
+        """
+        if self._draining:
+            return
+        self._draining = True
+        tasks = [attempt.task for attempt in self._running.values() if attempt.task is not None]
+        if not tasks:
+            return
+        logger.info(
+            "runner agent stopping: waiting up to %.0f s for %d running backup(s)",
+            self._shutdown_grace_s,
+            len(tasks),
+            extra={"action": "backup_drain", "running": len(tasks)},
+        )
+        await asyncio.wait(tasks, timeout=self._shutdown_grace_s)
+
     async def aclose(self) -> None:
-        """Stop running attempts and wait for them to remove their images.
+        """Drain, then stop the attempts still running and wait for them to remove their images.
 
         A stopped attempt stays IN_PROGRESS in the store, as after a crash, and the next
         start marks it FAILED and reports it.
         """
+        await self.drain()
         attempts = list(self._running.values())
         for attempt in attempts:
             attempt.stop("the runner agent is shutting down")

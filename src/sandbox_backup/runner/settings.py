@@ -37,6 +37,14 @@ class RunnerSettings(pydantic_settings.BaseSettings):
     backup_timeout_s: float = pydantic.Field(
         default=3600.0, gt=0, description="Maximum time in seconds for one backup attempt (commit and push)."
     )
+    shutdown_grace_s: float = pydantic.Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "Seconds a stopping agent lets running backups finish before it aborts them;"
+            " new backup requests get 503 meanwhile."
+        ),
+    )
     flatten_threshold_layers: int = pydantic.Field(
         default=100,
         ge=2,

@@ -38,8 +38,15 @@ async def get_backup(session: AsyncSession, backup_id: str) -> Backup | None:
     return await session.get(Backup, backup_id)
 
 
-async def list_for_sandbox(session: AsyncSession, sandbox_id: str, *, limit: int = 1000) -> list[Backup]:
-    statement = sa.select(Backup).where(Backup.sandbox_id == sandbox_id).order_by(Backup.created_at.desc(), Backup.attempt.desc()).limit(limit)
+async def list_for_sandbox(
+    session: AsyncSession, sandbox_id: str, *, limit: int = 1000, offset: int = 0, state: BackupState | None = None
+) -> list[Backup]:
+    """List a sandbox's attempts, newest first. A `state` of None matches every state."""
+    statement = sa.select(Backup).where(Backup.sandbox_id == sandbox_id)
+    if state is not None:
+        statement = statement.where(Backup.state == state)
+    # The id breaks ties between attempts created at the same time, so `offset` pages stay stable.
+    statement = statement.order_by(Backup.created_at.desc(), Backup.attempt.desc(), Backup.id).limit(limit).offset(offset)
     result = await session.execute(statement)
     return list(result.scalars())
 

@@ -16,11 +16,32 @@ logger = logging.getLogger(__name__)
 MIGRATIONS_DIR = pathlib.Path(__file__).with_name("migrations")
 
 
+# Loggers whose DEBUG records print SQL parameters or result rows, which hold runner tokens and
+# registry passwords: SQLAlchemy's result rows, and aiosqlite's repr of each call it executes.
+_SECRET_BEARING_DEBUG_LOGGERS = ("sqlalchemy.engine.Engine", "aiosqlite")
+
+
+class _DropDebugRecords(logging.Filter):
+    """Drop DEBUG records, whatever level the logger is set to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+_DROP_DEBUG_RECORDS = _DropDebugRecords()
+
+
 def create_engine(url: str, *, echo: bool = False) -> sa_asyncio.AsyncEngine:
-    """Create the async engine; SQLite gets WAL, foreign keys and one serialised writer."""
+    """Create the async engine; SQLite gets WAL, foreign keys and one serialised writer.
+
+    SQL parameters are hidden in SQLAlchemy's logs and error messages, because they hold secrets.
+    """
+    for name in _SECRET_BEARING_DEBUG_LOGGERS:
+        if _DROP_DEBUG_RECORDS not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_DROP_DEBUG_RECORDS)
     if url.startswith("sqlite"):
         return _create_sqlite_engine(url, echo=echo)
-    return sa_asyncio.create_async_engine(url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return sa_asyncio.create_async_engine(url, echo=echo, hide_parameters=True, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
 def _create_sqlite_engine(url: str, *, echo: bool) -> sa_asyncio.AsyncEngine:
@@ -32,7 +53,7 @@ def _create_sqlite_engine(url: str, *, echo: bool) -> sa_asyncio.AsyncEngine:
     # to one session at a time makes every transaction of this process serial, so the
     # read-then-write steps of a claim cannot interleave.
     engine = sa_asyncio.create_async_engine(
-        url, echo=echo, pool_size=1, max_overflow=0, pool_timeout=120, connect_args={"timeout": 30}
+        url, echo=echo, hide_parameters=True, pool_size=1, max_overflow=0, pool_timeout=120, connect_args={"timeout": 30}
     )
 
     @event.listens_for(engine.sync_engine, "connect")

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from sandbox_backup.domain.schedule import IN_FLIGHT, DueView
-from sandbox_backup.domain.states import SCHEDULABLE_RUNNER_STATES, SandboxState
+from sandbox_backup.domain.states import SCHEDULABLE_RUNNER_STATES, SandboxBackupState, SandboxState
 from sandbox_backup.store import guards
 from sandbox_backup.store.models import Runner, Sandbox
 
@@ -30,8 +30,27 @@ async def get_sandbox(session: AsyncSession, sandbox_id: str) -> Sandbox | None:
     return await session.get(Sandbox, sandbox_id)
 
 
-async def list_sandboxes(session: AsyncSession, *, limit: int = 1000, offset: int = 0) -> list[Sandbox]:
-    result = await session.execute(sa.select(Sandbox).order_by(Sandbox.id).limit(limit).offset(offset))
+async def list_sandboxes(
+    session: AsyncSession,
+    *,
+    limit: int = 1000,
+    offset: int = 0,
+    state: SandboxState | None = None,
+    backup_state: SandboxBackupState | None = None,
+    runner_id: str | None = None,
+    organization_id: str | None = None,
+) -> list[Sandbox]:
+    """List sandboxes ordered by id, so `offset` pages stay stable. A filter left as None matches every sandbox."""
+    statement = sa.select(Sandbox)
+    if state is not None:
+        statement = statement.where(Sandbox.state == state)
+    if backup_state is not None:
+        statement = statement.where(Sandbox.backup_state == backup_state)
+    if runner_id is not None:
+        statement = statement.where(Sandbox.runner_id == runner_id)
+    if organization_id is not None:
+        statement = statement.where(Sandbox.organization_id == organization_id)
+    result = await session.execute(statement.order_by(Sandbox.id).limit(limit).offset(offset))
     return list(result.scalars())
 
 
