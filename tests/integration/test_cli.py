@@ -20,7 +20,7 @@ import pytest
 
 from sandbox_backup.manager.service import BackupManager
 from sandbox_backup.store import backups, fleet
-from tests.fixtures.live import free_port
+from tests.fixtures.live import free_port, register_registry, register_runner, register_sandbox
 from tests.fixtures.manager import API_TOKEN, add_registry, add_runner, add_sandbox
 
 DIGEST = "sha256:" + "a" * 64
@@ -333,3 +333,43 @@ async def test_config_file_below_env(tmp_path: Path, manager: BackupManager, cli
     assert [row["id"] for row in json.loads(only_file.stdout)] == ["sb-1"]
     assert env_wins.returncode == 1
     assert flag_wins.returncode == 3
+
+
+@pytest.mark.slow
+async def test_backup_and_restore_with_real_runners(manager: BackupManager, manager_url: str, manager_api: httpx.AsyncClient, cli_env: dict[str, str], runner_agent_factory, sandbox_container, registry_server, second_podman_engine) -> None:  # type: ignore[no-untyped-def]
+    node1 = await asyncio.to_thread(runner_agent_factory, manager_url=manager_url, runner_id="node-1")
+    node2 = await asyncio.to_thread(runner_agent_factory, manager_url=manager_url, runner_id="node-2", docker_host=second_podman_engine.docker_host)
+    container = sandbox_container()
+    for agent in (node1, node2):
+        await register_runner(manager_api, agent)
+    await register_registry(manager_api, registry_server.url, registry_server)
+    await register_sandbox(manager_api, container.name, "node-1")
+
+    # The CLI waits while the test runs the dispatch job, as a manager replica would.
+    backing_up = asyncio.create_task(run_cli(cli_env, "backup", container.name, "--wait", "--timeout", "60", "-o", "json"))
+    await _wait_until(manager_api, f"/api/v1/sandboxes/{container.name}", lambda body: body["backupState"] == "PENDING")
+    assert await manager.dispatch_pending() == 1
+    result = await backing_up
+    assert result.returncode == 0, result.stderr
+    (attempt,) = json.loads(result.stdout)
+    assert attempt["state"] == "COMPLETED"
+    assert attempt["manifestDigest"].startswith("sha256:")
+
+    restoring = asyncio.create_task(run_cli(cli_env, "restore", container.name, "--runner", "node-2", "--wait", "--timeout", "60", "-o", "json"))
+    await _wait_until(manager_api, f"/api/v1/sandboxes/{container.name}", lambda body: body["state"] == "RESTORING")
+    assert await manager.run_restores() == 1
+    result = await restoring
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["state"] == "COMPLETED"
+    shown = json.loads((await run_cli(cli_env, "sandboxes", "show", container.name, "-o", "json")).stdout)
+    assert shown["runnerId"] == "node-2"
+    assert shown["state"] == "STARTED"
+    second_podman_engine.client.api.remove_container(container.name, force=True)
+
+
+async def _wait_until(api: httpx.AsyncClient, path: str, predicate, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll `path` until `predicate` holds for its JSON body: the CLI process needs a moment to start."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate((await api.get(path)).json()):
+        assert asyncio.get_running_loop().time() < deadline, f"{path} never matched"
+        await asyncio.sleep(0.1)

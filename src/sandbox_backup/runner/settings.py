@@ -1,7 +1,9 @@
-"""Settings of the runner agent, read from SANDBOX_BACKUP_RUNNER_* environment variables."""
+"""Settings of the runner agent: SANDBOX_BACKUP_RUNNER_* environment variables, then the TOML file
+named by SANDBOX_BACKUP_RUNNER_CONFIG_FILE, then defaults."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import socket
 
@@ -9,10 +11,28 @@ import pydantic
 import pydantic_settings
 
 
+RUNNER_CONFIG_FILE_ENV = "SANDBOX_BACKUP_RUNNER_CONFIG_FILE"
+
+
 class RunnerSettings(pydantic_settings.BaseSettings):
     """Configuration of one runner agent (`sandbox-backup runner serve`)."""
 
     model_config = pydantic_settings.SettingsConfigDict(env_prefix="SANDBOX_BACKUP_RUNNER_", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[pydantic_settings.BaseSettings],
+        init_settings: pydantic_settings.PydanticBaseSettingsSource,
+        env_settings: pydantic_settings.PydanticBaseSettingsSource,
+        dotenv_settings: pydantic_settings.PydanticBaseSettingsSource,
+        file_secret_settings: pydantic_settings.PydanticBaseSettingsSource,
+    ) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
+        sources: list[pydantic_settings.PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(RUNNER_CONFIG_FILE_ENV)
+        if config_file:
+            sources.append(pydantic_settings.TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
 
     host: str = "127.0.0.1"
     port: int = pydantic.Field(default=8300, ge=1, le=65535)
