@@ -126,17 +126,29 @@ class Settings(pydantic_settings.BaseSettings):
         dotenv_settings: pydantic_settings.PydanticBaseSettingsSource,
         file_secret_settings: pydantic_settings.PydanticBaseSettingsSource,
     ) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
-        sources: list[pydantic_settings.PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get(CONFIG_FILE_ENV)
-        if config_file:
-            sources.append(pydantic_settings.TomlConfigSettingsSource(settings_cls, toml_file=config_file))
-        return tuple(sources)
+        return env_then_toml(settings_cls, init_settings, env_settings, config_file_env=CONFIG_FILE_ENV)
 
     def effective_database_url(self) -> str:
         """Return the async SQLAlchemy URL: the configured one, or SQLite inside data_dir."""
         if not self.database_url:
             return f"sqlite+aiosqlite:///{self.data_dir / 'sandbox-backup.db'}"
         return to_async_url(self.database_url)
+
+
+def env_then_toml(
+    settings_cls: type[pydantic_settings.BaseSettings],
+    init_settings: pydantic_settings.PydanticBaseSettingsSource,
+    env_settings: pydantic_settings.PydanticBaseSettingsSource,
+    *,
+    config_file_env: str,
+) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
+    """Return the setting sources in order of precedence: arguments, environment, then the TOML
+    file named by the environment variable `config_file_env` when it is set."""
+    sources: list[pydantic_settings.PydanticBaseSettingsSource] = [init_settings, env_settings]
+    config_file = os.environ.get(config_file_env)
+    if config_file:
+        sources.append(pydantic_settings.TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+    return tuple(sources)
 
 
 def to_async_url(url: str) -> str:

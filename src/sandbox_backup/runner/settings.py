@@ -3,12 +3,13 @@ named by SANDBOX_BACKUP_RUNNER_CONFIG_FILE, then defaults."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import socket
 
 import pydantic
 import pydantic_settings
+
+from sandbox_backup import config
 
 
 RUNNER_CONFIG_FILE_ENV = "SANDBOX_BACKUP_RUNNER_CONFIG_FILE"
@@ -28,11 +29,7 @@ class RunnerSettings(pydantic_settings.BaseSettings):
         dotenv_settings: pydantic_settings.PydanticBaseSettingsSource,
         file_secret_settings: pydantic_settings.PydanticBaseSettingsSource,
     ) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
-        sources: list[pydantic_settings.PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get(RUNNER_CONFIG_FILE_ENV)
-        if config_file:
-            sources.append(pydantic_settings.TomlConfigSettingsSource(settings_cls, toml_file=config_file))
-        return tuple(sources)
+        return config.env_then_toml(settings_cls, init_settings, env_settings, config_file_env=RUNNER_CONFIG_FILE_ENV)
 
     host: str = "127.0.0.1"
     port: int = pydantic.Field(default=8300, ge=1, le=65535)
