@@ -285,3 +285,32 @@ async def test_attempt_past_deadline_is_failed_and_retried(one_sandbox: BackupMa
     assert retry.attempt == 2
     assert retry.image_ref != timed_out.image_ref
 
+
+
+async def test_due_check_queues_past_full_batches(manager: BackupManager) -> None:
+    manager.ctx.settings = manager.ctx.settings.model_copy(update={"due_check_batch": 3})
+    await add_runner(manager, "r1")
+    await add_registry(manager)
+    for index in range(8):
+        await add_sandbox(manager, f"sb-{index}", runner_id="r1")
+
+    # Eight due sandboxes with batches of three: one pass queues them all.
+    assert await manager.check_running_due() == 8
+
+
+async def test_errored_sandboxes_do_not_starve_due_check(manager: BackupManager, clock) -> None:  # type: ignore[no-untyped-def]
+    manager.ctx.settings = manager.ctx.settings.model_copy(update={"due_check_batch": 2, "retry_max_attempts": 1})
+    await add_runner(manager, "r1")  # nothing listens there: every dispatch fails
+    await add_registry(manager)
+    for index in range(3):
+        await add_sandbox(manager, f"a-{index}", runner_id="r1")
+    assert await manager.check_running_due() == 3
+    assert await manager.dispatch_pending() == 3  # all three end in ERROR, no retry left
+
+    clock.advance(60)
+    await add_sandbox(manager, "late", runner_id="r1")
+
+    # The errored sandboxes sort first (never backed up) but wait out the interval in the query
+    # itself, so they cannot fill every batch and hide the sandbox behind them.
+    assert await manager.check_running_due() == 1
+    assert (await _sandbox(manager, "late")).backup_state == SandboxBackupState.PENDING

@@ -36,6 +36,8 @@ async def complete_attempt(ctx: ManagerContext, backup: Backup, *, digest: str |
 
     if done:
         ctx.metrics.record_attempt_end("completed", duration_s=_duration_s(backup, now), size_bytes=size_bytes)
+        # A runner slot is free: the next PENDING attempt need not wait for the dispatch tick.
+        ctx.wake_dispatch.set()
         ctx.wake_archive.set()
         logger.info(
             "backup completed",

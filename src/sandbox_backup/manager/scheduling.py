@@ -17,19 +17,40 @@ logger = logging.getLogger(__name__)
 SANDBOX_LOCK_TTL_S = 30.0
 
 
+# Batches one due-check pass may take; a full batch that queued something is followed by another.
+MAX_BATCHES_PER_PASS = 1000
+
+
 async def check_running_due(ctx: ManagerContext) -> int:
     """Queue backups of running sandboxes whose newest completed backup is older than the interval."""
-    now = ctx.now()
-    async with ctx.db.transaction() as session:
-        candidates = await sandboxes.running_due_candidates(session, now=now, interval=ctx.backup_interval, limit=ctx.settings.due_check_batch)
-    return await _queue_due(ctx, candidates)
+
+    async def batch(session):  # type: ignore[no-untyped-def]
+        return await sandboxes.running_due_candidates(session, now=ctx.now(), interval=ctx.backup_interval, limit=ctx.settings.due_check_batch)
+
+    return await _queue_all_due(ctx, batch)
 
 
 async def check_stopped_due(ctx: ManagerContext) -> int:
     """Queue backups of stopped and archiving sandboxes not backed up since they stopped."""
-    async with ctx.db.transaction() as session:
-        candidates = await sandboxes.stopped_due_candidates(session, limit=ctx.settings.due_check_batch)
-    return await _queue_due(ctx, candidates)
+
+    async def batch(session):  # type: ignore[no-untyped-def]
+        return await sandboxes.stopped_due_candidates(session, now=ctx.now(), interval=ctx.backup_interval, limit=ctx.settings.due_check_batch)
+
+    return await _queue_all_due(ctx, batch)
+
+
+async def _queue_all_due(ctx: ManagerContext, fetch_batch) -> int:  # type: ignore[no-untyped-def]
+    """Queue every due sandbox now, batch after batch, instead of one batch per tick."""
+    total = 0
+    for _ in range(MAX_BATCHES_PER_PASS):
+        async with ctx.db.transaction() as session:
+            candidates = await fetch_batch(session)
+        queued = await _queue_due(ctx, candidates)
+        total += queued
+        # Queued sandboxes leave the candidate set; a batch that queued nothing would come back the same.
+        if len(candidates) < ctx.settings.due_check_batch or queued == 0:
+            break
+    return total
 
 
 async def _queue_due(ctx: ManagerContext, candidates: list[tuple[Sandbox, Runner]]) -> int:

@@ -118,8 +118,18 @@ def due_view(sandbox: Sandbox, runner: Runner | None) -> DueView:
     )
 
 
-def _backup_candidates() -> sa.Select[tuple[Sandbox, Runner]]:
-    """Sandboxes that may be backed up at all: on an answering runner, owned, kept, idle."""
+def _backup_candidates(*, error_cutoff: datetime.datetime) -> sa.Select[tuple[Sandbox, Runner]]:
+    """Sandboxes that may be backed up at all: on an answering runner, owned, kept, idle.
+
+    A sandbox whose last attempt ended in ERROR waits until `error_cutoff` has passed that end,
+    the same gate as `domain.schedule.backup_due`, so a batch never fills up with sandboxes the
+    policy then skips.
+    """
+    error_gate = sa.or_(
+        Sandbox.backup_state != SandboxBackupState.ERROR,
+        Sandbox.last_attempt_ended_at.is_(None),
+        Sandbox.last_attempt_ended_at <= error_cutoff,
+    )
     return (
         sa.select(Sandbox, Runner)
         .join(Runner, Runner.id == Sandbox.runner_id)
@@ -129,6 +139,7 @@ def _backup_candidates() -> sa.Select[tuple[Sandbox, Runner]]:
             Sandbox.ephemeral.is_(False),
             sa.or_(Sandbox.desired_state.is_(None), Sandbox.desired_state != SandboxState.DESTROYED),
             Sandbox.backup_state.not_in(list(IN_FLIGHT)),
+            error_gate,
         )
     )
 
@@ -137,7 +148,7 @@ async def running_due_candidates(session: AsyncSession, *, now: datetime.datetim
     """Running sandboxes whose newest completed backup is older than `interval`, oldest first."""
     cutoff = now - interval
     statement = (
-        _backup_candidates()
+        _backup_candidates(error_cutoff=cutoff)
         .where(Sandbox.state == SandboxState.STARTED, sa.or_(Sandbox.last_backup_at.is_(None), Sandbox.last_backup_at <= cutoff))
         .order_by(Sandbox.last_backup_at.asc().nulls_first(), Sandbox.id)
         .limit(limit)
@@ -146,10 +157,10 @@ async def running_due_candidates(session: AsyncSession, *, now: datetime.datetim
     return [(row[0], row[1]) for row in result.all()]
 
 
-async def stopped_due_candidates(session: AsyncSession, *, limit: int) -> list[tuple[Sandbox, Runner]]:
+async def stopped_due_candidates(session: AsyncSession, *, now: datetime.datetime, interval: datetime.timedelta, limit: int) -> list[tuple[Sandbox, Runner]]:
     """Stopped and archiving sandboxes with no backup dispatched since they entered that state."""
     statement = (
-        _backup_candidates()
+        _backup_candidates(error_cutoff=now - interval)
         .where(
             Sandbox.state.in_([SandboxState.STOPPED, SandboxState.ARCHIVING]),
             sa.or_(Sandbox.last_backup_started_at.is_(None), Sandbox.last_backup_started_at <= Sandbox.state_changed_at),
