@@ -55,7 +55,9 @@ async def test_backup_completes_by_report_with_registry_digest(
     write_container_file(container, "/data/note.txt", b"kept across nodes\n")
     await _register(manager, manager_url, agent, registry_server.url, registry_server, container.name)
 
-    assert await manager.check_running_due() == 1
+    # Registering a running sandbox that was never backed up queues its backup at once.
+    assert (await _history(manager, container.name))[0].state == BackupState.PENDING
+    assert await manager.check_running_due() == 0
     assert await manager.dispatch_pending() == 1
     # No progress poll runs: only the agent's report can complete the attempt.
     history = await _wait_for(manager, container.name, lambda h: h[0].state != BackupState.IN_PROGRESS)

@@ -280,8 +280,13 @@ async def test_draining_runner_backs_up_and_moves_stopped_sandbox(fleet: Fleet, 
     await fleet.backup_now()
     fleet.clock.advance(60)
     await asyncio.to_thread(fleet.container.stop, timeout=0)
-    body = await fleet.event("stopped")
-    assert body["backupState"] == "PENDING"
+    await fleet.event("stopped")
+    # The agent also reports the stop from the engine's event stream; whichever of the two
+    # events lands first queues the backup, so wait for it rather than read the first reply.
+    deadline = time.monotonic() + 10
+    while (await fleet.sandbox()).backup_state.value != "PENDING":
+        assert time.monotonic() < deadline, "the stop did not queue a backup"
+        await asyncio.sleep(0.05)
     await fleet.dispatch_and_wait()
 
     fleet.clock.advance(60)
@@ -306,7 +311,9 @@ async def test_draining_runner_backs_up_and_moves_stopped_sandbox(fleet: Fleet, 
 
 
 async def test_destroy_during_push_leaves_nothing_behind(fleet: Fleet, manager_api: httpx.AsyncClient, registry_gate: Any) -> None:
+    await fleet.dispatch_and_wait()  # the backup queued when the sandbox was registered
     await register_registry(manager_api, registry_gate.url, fleet.registry)
+    fleet.clock.advance(60)
     response = await fleet.api.post(f"/api/v1/sandboxes/{fleet.sandbox_id}/backup")
     image_ref = response.json()["imageRef"]
     registry_gate.hold()

@@ -113,6 +113,10 @@ async def _after_state_change(ctx: ManagerContext, sandbox_id: str, state: Sandb
     if state in (SandboxState.STOPPED, SandboxState.ARCHIVING):
         trigger = BackupTrigger.ARCHIVE if state == SandboxState.ARCHIVING else BackupTrigger.STOPPED
         await _queue_if_due(ctx, sandbox_id, trigger)
+    elif state == SandboxState.STARTED:
+        # A running sandbox that is due (never backed up, or its newest backup is older than the
+        # interval) is queued now rather than at the next due check, up to an interval later.
+        await _queue_if_due(ctx, sandbox_id, BackupTrigger.SCHEDULE)
 
 
 async def _queue_if_due(ctx: ManagerContext, sandbox_id: str, trigger: BackupTrigger) -> None:
