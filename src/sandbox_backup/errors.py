@@ -61,13 +61,13 @@ class RegistryUnavailable(RegistryError):
 
 
 class RegistryAuthError(RegistryError):
-    """The registry refused the credentials (401 or 403): the answer is unknown, not "absent"."""
+    """The registry rejected the credentials (401 or 403), so whether the object exists is unknown."""
 
     transient = True
 
 
 class RegistryProtocolError(RegistryError):
-    """The registry answered in a way the distribution specification does not allow."""
+    """The registry returned a response the distribution specification does not allow."""
 
 
 class RunnerError(SandboxBackupError):
@@ -82,7 +82,7 @@ class RunnerError(SandboxBackupError):
 
 
 class RunnerUnavailable(RunnerError):
-    """The runner did not answer: connection refused, timeout or a 5xx status."""
+    """The runner did not respond: connection refused, timeout or a 5xx status."""
 
     transient = True
 

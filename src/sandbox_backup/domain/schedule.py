@@ -1,4 +1,4 @@
-"""What makes a sandbox due for a backup, and in which order attempts are dispatched."""
+"""Due rules for sandbox backups and the dispatch order of attempts."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Candidates are the sandbox's COMPLETED backups that are neither broken nor delet
 (or the one backup the caller named). Each is checked in the registry before use:
 - the manifest is gone, or its digest is not the one recorded at completion: the backup is
   marked broken and the next older candidate is tried;
-- the registry could not tell (timeout, 5xx, auth failure): the restore waits and asks again
+- the registry could not tell (timeout, 5xx, auth failure): the restore waits and tries again
   with back-off, and never falls back to older data because of it; when the registry stays
   unreachable the restore fails and says so;
 - the runner cannot pull it (manifest present, a layer missing): marked broken, next candidate.
@@ -224,7 +224,7 @@ async def _try_candidate(ctx: ManagerContext, restore: Restore, sandbox: Sandbox
             await _mark_broken(ctx, backup, f"runner {runner.id} could not pull it: {exc}")
             return None
         if exc.status_code == 409 and await _copy_exists(ctx, runner, restore):
-            # An earlier try created the copy but its answer was lost: the copy is ours.
+            # An earlier try created the copy but its response was lost, so the copy is ours.
             logger.info("the restored copy already exists on the runner; using it", extra={"action": "restore_copy_found", **log_extra})
         else:
             return await _fail(ctx, restore, f"runner {runner.id} rejected the restore: {exc}")
@@ -243,7 +243,7 @@ async def _copy_exists(ctx: ManagerContext, runner: Runner, restore: Restore) ->
 
 
 def _inside_own_repository(backup: Backup, registry: Registry, sandbox_id: str) -> bool:
-    """The reference names the sandbox's own repository (`.../backup-{id}`) on the backup's registry.
+    """Tell whether the reference names the sandbox's own repository (`.../backup-{id}`) on the backup's registry.
 
     The project prefix is not compared: an operator may change a registry's project, and the
     backups taken before keep their old path.
@@ -361,8 +361,8 @@ class _LostRestore(errors.Conflict):
 
 
 async def _discard(ctx: ManagerContext, restore: Restore, runner: Runner) -> bool:
-    """The copy was made but cannot become the sandbox: another worker finished the restore, or
-    the sandbox changed meanwhile (destroyed, started, archived)."""
+    """Remove a copy that cannot become the sandbox and fail the restore, unless another worker
+    already finished it. The sandbox may have been destroyed, started or archived meanwhile."""
     async with ctx.db.transaction() as session:
         current = await restores.get(session, restore.id)
         sandbox = await sandboxes.get_sandbox(session, restore.sandbox_id)

@@ -103,9 +103,9 @@ async def _ask_runner(ctx: ManagerContext, backup: Backup, runner: Runner) -> Sa
         async with ctx.runner_calls:
             return await ctx.runner_client(runner).get_sandbox(backup.sandbox_id)
     except errors.RunnerUnavailable as exc:
-        logger.warning("runner did not answer the progress check; will ask again", extra={"action": "progress_unreachable", "error": str(exc), **log_extra})
+        logger.warning("runner did not respond to the progress check; retrying at the next check", extra={"action": "progress_unreachable", "error": str(exc), **log_extra})
     except errors.RunnerError as exc:
-        logger.error("runner gave an unusable answer to the progress check; will ask again", extra={"action": "progress_bad_answer", "error": str(exc), **log_extra})
+        logger.error("runner returned an invalid response to the progress check; retrying at the next check", extra={"action": "progress_bad_answer", "error": str(exc), **log_extra})
     return _UNKNOWN
 
 

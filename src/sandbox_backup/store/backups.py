@@ -229,7 +229,7 @@ async def in_progress_batch(session: AsyncSession, *, limit: int) -> list[tuple[
 
 
 async def find_awaited(session: AsyncSession, *, sandbox_id: str, runner_id: str, image_ref: str) -> Backup | None:
-    """The open attempt of `sandbox_id` on `runner_id` that awaits exactly `image_ref`, if any."""
+    """Return the open attempt of `sandbox_id` on `runner_id` that awaits exactly `image_ref`, if any."""
     statement = sa.select(Backup).where(
         Backup.sandbox_id == sandbox_id,
         Backup.runner_id == runner_id,
@@ -296,7 +296,7 @@ async def fail(
     decision: RetryDecision,
     now: datetime.datetime,
 ) -> tuple[bool, Backup | None]:
-    """End an open attempt in ERROR and, when `decision` says so, queue the next attempt.
+    """End an open attempt in ERROR and, when `decision` allows one, queue the next attempt.
 
     Returns whether the attempt was failed here and the new PENDING attempt, if any.
     """

@@ -141,7 +141,7 @@ async def choose_backup_registry(session: AsyncSession, *, organization_id: str 
 
 
 async def choose_restore_runner(session: AsyncSession, *, region: str | None, exclude: set[str], ignore_restore_id: str | None = None) -> Runner | None:
-    """The least loaded READY runner (in `region` when set) with a free slot, outside `exclude`.
+    """Return the least loaded READY runner (in `region` when set) with a free slot, outside `exclude`.
 
     Load counts the sandboxes on a runner plus the restores on their way to it.
     """

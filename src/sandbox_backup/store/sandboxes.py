@@ -16,7 +16,7 @@ from sandbox_backup.store.models import Runner, Sandbox
 
 @dataclasses.dataclass(frozen=True)
 class SandboxFields:
-    """What a platform tells the manager about one sandbox."""
+    """Fields a platform reports to the manager about one sandbox."""
 
     state: SandboxState
     runner_id: str | None = None
@@ -92,7 +92,7 @@ async def update_sandbox(session: AsyncSession, sandbox: Sandbox, fields: Sandbo
 
 
 async def set_state(session: AsyncSession, sandbox: Sandbox, state: SandboxState, *, now: datetime.datetime, desired_state: SandboxState | None = None) -> bool:
-    """Move a sandbox to `state` if nobody changed it since it was read."""
+    """Move a sandbox to `state` unless another writer changed it since it was read."""
     values: dict[str, object] = {"state": state, "updated_at": now}
     if state != sandbox.state:
         values["state_changed_at"] = now
