@@ -7,6 +7,7 @@ import httpx
 from sandbox_backup.domain.states import BackupState, SandboxState
 from sandbox_backup.manager import lifecycle, scheduling
 from sandbox_backup.manager.service import BackupManager
+from sandbox_backup.store import sandboxes
 from tests.hardening.helpers import claim_all, cleanup_tasks, get_sandbox, history, open_attempts, post_report
 from tests.fixtures.manager import add_registry, add_runner, add_sandbox
 
@@ -66,16 +67,17 @@ async def test_due_check_racing_destroy(manager: BackupManager, open_registry_se
     await _one_sandbox(manager, open_registry_server.url)
 
     # The destroy event lands between the due scan (which saw a STARTED sandbox) and the queue
-    # step, so queue_backup must check the sandbox again under the sandbox lock.
-    original_queue_backup = scheduling.queue_backup
+    # step: the scan's rows are read first, the destroy runs, then the due check queues from them.
+    async with manager.ctx.db.transaction() as session:
+        stale = await sandboxes.running_due_candidates(session, now=manager.ctx.now(), interval=manager.ctx.backup_interval, limit=10)
+    assert [sandbox.id for sandbox, _ in stale] == ["sb-1"]
+    await lifecycle.handle_event(manager.ctx, "sb-1", lifecycle.LifecycleEvent.DESTROYED)
 
-    async def destroy_then_queue(ctx, sandbox_id, trigger, *, wait_for_lock):  # type: ignore[no-untyped-def]
-        await lifecycle.handle_event(ctx, sandbox_id, lifecycle.LifecycleEvent.DESTROYED)
-        return await original_queue_backup(ctx, sandbox_id, trigger, wait_for_lock=wait_for_lock)
+    async def stale_scan(session, *, now, interval, limit):  # type: ignore[no-untyped-def]
+        return stale
 
-    monkeypatch.setattr(scheduling, "queue_backup", destroy_then_queue)
-    await manager.check_running_due()
-    monkeypatch.setattr(scheduling, "queue_backup", original_queue_backup)
+    monkeypatch.setattr(sandboxes, "running_due_candidates", stale_scan)
+    assert await manager.check_running_due() == 0
 
     # No attempt exists for the destroyed sandbox; it never had a backup, so nothing is owed.
     assert await open_attempts(manager, "sb-1") == 0

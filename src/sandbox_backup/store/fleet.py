@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -118,25 +119,29 @@ async def list_registries(session: AsyncSession) -> list[Registry]:
 
 
 async def choose_backup_registry(session: AsyncSession, *, organization_id: str | None, region: str | None) -> Registry | None:
-    """Pick where a sandbox's first backup goes.
+    """Pick where a sandbox's first backup goes; see `pick_backup_registry`."""
+    return pick_backup_registry(await list_registries(session), organization_id=organization_id, region=region)
+
+
+def pick_backup_registry(registries: Sequence[Registry], *, organization_id: str | None, region: str | None) -> Registry | None:
+    """Pick where a sandbox's first backup goes, from every registered registry.
 
     Order: a registry of the sandbox's organization in its region, then one of its organization
-    with no region, then the region's default, then a default with no region. Registries of other
-    organizations are never chosen, so their credentials never travel with this sandbox.
+    with no region, then the region's default, then a default with no region; the lowest id wins
+    a tie. Registries of other organizations are never chosen, so their credentials never travel
+    with this sandbox.
     """
-    shared = Registry.organization_id.is_(None)
-    own = Registry.organization_id == organization_id
+    own = [r for r in registries if organization_id is not None and r.organization_id == organization_id]
+    shared_defaults = [r for r in registries if r.organization_id is None and r.is_default]
     preferences = [
-        sa.and_(own, Registry.region == region),
-        sa.and_(own, Registry.region.is_(None)),
-        sa.and_(shared, Registry.is_default.is_(True), Registry.region == region),
-        sa.and_(shared, Registry.is_default.is_(True), Registry.region.is_(None)),
+        [r for r in own if r.region == region],
+        [r for r in own if r.region is None],
+        [r for r in shared_defaults if region is not None and r.region == region],
+        [r for r in shared_defaults if r.region is None],
     ]
-    for condition in preferences:
-        result = await session.execute(sa.select(Registry).where(condition).order_by(Registry.id).limit(1))
-        registry = result.scalar_one_or_none()
-        if registry is not None:
-            return registry
+    for matches in preferences:
+        if matches:
+            return min(matches, key=lambda r: r.id)
     return None
 
 
