@@ -1,15 +1,16 @@
 """Data-path benchmark: the runner agent's backup and restore against the raw podman commands.
 
-Everything runs on this machine: a private Podman service set up by scripts/lib/podman.sh
-(through tests/fixtures/podman.py), a private `docker-registry` on 127.0.0.1 with deletes
-enabled, and the real runner agent app under uvicorn in a thread of this process, as the
-integration tests run it. A busybox container writes the data: half from /dev/urandom,
+Everything runs on this machine. scripts/lib/podman.sh (through tests/fixtures/podman.py)
+sets up a private Podman service, next to a private `docker-registry` on 127.0.0.1 with
+deletes enabled. The real runner agent app runs under uvicorn in a thread of this process,
+as in the integration tests. A busybox container writes the data: half from /dev/urandom,
 half zeros.
 
 Backup, per measured run:
-  agent  POST /sandboxes/{id}/backup, then GET /sandboxes/{id} every --poll-interval-s
-         until it shows COMPLETED. The agent commits with pause, pushes, and removes the
-         committed image before it records COMPLETED.
+  agent  POST /sandboxes/{id}/backup, until the agent's backup report arrives at a local
+         stand-in for the manager (--wait report, the default), or until GET /sandboxes/{id}
+         shows COMPLETED (--wait poll, every --poll-interval-s). The agent commits with
+         pause, pushes, and removes the committed image before it records COMPLETED.
   raw    `podman commit --pause --format docker`, then `podman push`, on the same storage.
          The image removal afterwards is timed apart and is not part of the raw time.
   Before each run the registry's storage is deleted and the registry restarted, so every
@@ -20,9 +21,11 @@ Restore, per measured run, from one backup that the agent pushed:
   raw    `podman pull`, then `podman run -d`.
   Before each run the local image is removed, so every pull downloads the layers.
 
-The order alternates per round (agent, raw, then raw, agent, ...). The table shows medians.
+An untimed agent backup of an empty container comes first, so the agent has created its
+engine clients before the measured runs. The order alternates per round (agent, raw, then
+raw, agent, ...). The table shows medians.
 
-Usage: .venv/bin/python bench/datapath.py [--size-mib 1024] [--repeat 3] [--poll-interval-s 0.05]
+Usage: .venv/bin/python bench/datapath.py [--size-mib 1024] [--repeat 3] [--wait report|poll]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -51,6 +55,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 # only with the repository root on the path.
 sys.path.insert(0, str(REPOSITORY))
 
+from sandbox_backup.runner.client import RunnerClient  # noqa: E402
 from sandbox_backup.runner.engine import SANDBOX_ID_LABEL  # noqa: E402
 from sandbox_backup.runner.models import (  # noqa: E402
     CreateSandboxRequest,
@@ -62,6 +67,7 @@ from sandbox_backup.runner.settings import RunnerSettings  # noqa: E402
 from tests.fixtures.podman import (  # noqa: E402
     MANAGED_LABEL,
     PodmanEngine,
+    ReportReceiver,
     RunnerAgent,
     start_podman_engine,
     stop_podman_engine,
@@ -73,9 +79,12 @@ logger = logging.getLogger("datapath")
 RunT = TypeVar("RunT")
 
 SOURCE_SANDBOX_ID = "datapath-source"
+WARM_UP_SANDBOX_ID = "datapath-warm-up"
 REPOSITORY_PATH = "bench/datapath"
 READY_MARKER = "datapath-ready"
 METRIC_PREFIX = "sandbox_backup_runner_"
+# The report receiver runs in this process, so checking it costs no request.
+REPORT_CHECK_INTERVAL_S = 0.01
 # The registry converts a manifest to schema 1 unless the request accepts its own type.
 MANIFEST_ACCEPT = ", ".join(
     (
@@ -115,10 +124,12 @@ class Bench:
     """The services of one benchmark run and the limits derived from the data size."""
 
     size_mib: int
+    wait: str
     poll_interval_s: float
     engine: PodmanEngine
     registry: RegistryServer
     agent: RunnerAgent
+    reports: ReportReceiver
     # Maximum time of one podman command or one agent operation.
     timeout_s: float
 
@@ -138,10 +149,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=3, help="measured runs of each operation on each side")
     parser.add_argument(
+        "--wait",
+        choices=("report", "poll"),
+        default="report",
+        help=(
+            "how the end of an agent backup is detected: the agent's report to a local receiver, "
+            "or GET /sandboxes/{id} requests, which cost the engine CPU time during the push"
+        ),
+    )
+    parser.add_argument(
         "--poll-interval-s",
         type=float,
         default=0.05,
-        help="seconds between two GET /sandboxes/{id} requests while an agent backup runs",
+        help="seconds between two GET /sandboxes/{id} requests with --wait poll",
     )
     args = parser.parse_args(argv)
 
@@ -158,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_podman(bench: Bench, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the podman CLI on the engine's private storage; with `check`, raise with its output on failure."""
+    """Run the podman CLI on the engine's private storage. With `check`, a failure raises with its output."""
     engine = bench.engine
     command = ["podman", "--root", str(engine.dir / "storage"), "--runroot", str(engine.dir / "run"), *args]
     completed = subprocess.run(
@@ -245,9 +265,9 @@ def wait_for_data(bench: Bench, container_name: str, timeout_s: float) -> None:
         if READY_MARKER in log:
             raise RuntimeError(f"container {container_name} has files of the wrong size: {log.strip()!r}, expected {expected!r}")
         if container.status not in ("created", "running"):
-            raise RuntimeError(f"container {container_name} stopped with status {container.status!r}; its log: {log!r}")
+            raise RuntimeError(f"container {container_name} stopped with status {container.status!r}. Its log: {log!r}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"container {container_name} did not log {expected!r} within {timeout_s:.0f} s; its log: {log!r}")
+            raise RuntimeError(f"container {container_name} did not log {expected!r} within {timeout_s:.0f} s. Its log: {log!r}")
         time.sleep(0.2)
 
 
@@ -282,23 +302,75 @@ def agent_metric_sums(agent: RunnerAgent) -> dict[str, float]:
     return sums
 
 
-async def wait_for_agent_backup(bench: Bench, reference: str) -> float:
-    """Request a backup of the source sandbox and return the seconds until the agent shows it COMPLETED."""
+async def wait_for_agent_backup(bench: Bench, reference: str, sandbox_id: str = SOURCE_SANDBOX_ID) -> float:
+    """Request a backup of the sandbox and return the seconds until the agent shows it COMPLETED."""
     async with bench.agent.client(timeout_s=bench.timeout_s) as client:
         started = time.monotonic()
-        await client.create_backup(SOURCE_SANDBOX_ID, bench.credentials(), reference)
+        await client.create_backup(sandbox_id, bench.credentials(), reference)
+        if bench.wait == "report":
+            await wait_for_report(bench, reference, started)
+        else:
+            await poll_backup_state(bench, client, sandbox_id, reference, started)
+        elapsed = time.monotonic() - started
 
-        while True:
-            info = await client.get_sandbox(SOURCE_SANDBOX_ID)
-            elapsed = time.monotonic() - started
-            if info is not None and info.backup_snapshot == reference:
-                if info.backup_state is RunnerBackupState.COMPLETED:
-                    return elapsed
-                if info.backup_state is RunnerBackupState.FAILED:
-                    raise RuntimeError(f"agent backup to {reference} failed: {info.backup_error}")
-            if elapsed > bench.timeout_s:
-                raise RuntimeError(f"agent backup to {reference} did not complete within {bench.timeout_s:.0f} s: {info}")
-            await asyncio.sleep(bench.poll_interval_s)
+        # The report is sent after the agent wrote the outcome, so the state must already show it.
+        info = await client.get_sandbox(sandbox_id)
+        if info is None or info.backup_snapshot != reference or info.backup_state is not RunnerBackupState.COMPLETED:
+            raise RuntimeError(f"agent backup to {reference} is not COMPLETED after it ended: {info}")
+        return elapsed
+
+
+async def wait_for_report(bench: Bench, reference: str, started: float) -> None:
+    """Wait until the agent's report for `reference` arrives. Raise if it reports FAILED."""
+    while True:
+        reports = [request["body"] for request in bench.reports.accepted if request["body"]["snapshot"] == reference]
+        if reports:
+            report = reports[-1]
+            if report["state"] != RunnerBackupState.COMPLETED.value:
+                raise RuntimeError(f"agent backup to {reference} ended {report['state']}: {report.get('error')}")
+            return
+        if time.monotonic() - started > bench.timeout_s:
+            raise RuntimeError(f"agent backup to {reference} sent no report within {bench.timeout_s:.0f} s")
+        await asyncio.sleep(REPORT_CHECK_INTERVAL_S)
+
+
+async def poll_backup_state(
+    bench: Bench, client: RunnerClient, sandbox_id: str, reference: str, started: float
+) -> None:
+    """Poll GET /sandboxes/{id} until the backup to `reference` is COMPLETED. Raise if it FAILED."""
+    while True:
+        info = await client.get_sandbox(sandbox_id)
+        if info is not None and info.backup_snapshot == reference:
+            if info.backup_state is RunnerBackupState.COMPLETED:
+                return
+            if info.backup_state is RunnerBackupState.FAILED:
+                raise RuntimeError(f"agent backup to {reference} failed: {info.backup_error}")
+        if time.monotonic() - started > bench.timeout_s:
+            raise RuntimeError(f"agent backup to {reference} did not complete within {bench.timeout_s:.0f} s: {info}")
+        await asyncio.sleep(bench.poll_interval_s)
+
+
+def warm_up_agent(bench: Bench) -> float:
+    """Back up an empty managed container through the agent and return the seconds it took.
+
+    The agent creates its two engine clients on first use, and each creation sends
+    GET /version, which took about 0.4 s on Podman 4.3.1 on a 2-core machine. Without this
+    step the first measured agent backup would include that start-up cost.
+    """
+    labels = {MANAGED_LABEL: "true", SANDBOX_ID_LABEL: WARM_UP_SANDBOX_ID}
+    bench.engine.client.containers.run(
+        bench.engine.mini_image,
+        ["/bin/busybox", "sleep", "86400"],
+        name=WARM_UP_SANDBOX_ID,
+        labels=labels,
+        detach=True,
+        stop_signal="SIGKILL",
+        network_mode="none",
+    )
+    try:
+        return asyncio.run(wait_for_agent_backup(bench, bench.reference("warm-up"), WARM_UP_SANDBOX_ID))
+    finally:
+        run_podman(bench, "rm", "--force", "--time", "0", WARM_UP_SANDBOX_ID)
 
 
 def run_agent_backup(bench: Bench, tag: str) -> BackupRun:
@@ -393,7 +465,7 @@ def run_raw_restore(bench: Bench, round_number: int, reference: str) -> RestoreR
 
 
 def alternate(round_number: int, agent: Callable[[], RunT], raw: Callable[[], RunT]) -> list[RunT]:
-    """Run agent then raw in odd rounds and raw then agent in even rounds; return the results in run order."""
+    """Run agent then raw in odd rounds, raw then agent in even rounds. Return the results in run order."""
     steps = (agent, raw) if round_number % 2 == 1 else (raw, agent)
     return [step() for step in steps]
 
@@ -403,8 +475,8 @@ def measure_backups(bench: Bench, repeat: int) -> list[BackupRun]:
     for round_number in range(1, repeat + 1):
         results = alternate(
             round_number,
-            lambda: run_agent_backup(bench, f"agent-{round_number}"),
-            lambda: run_raw_backup(bench, f"raw-{round_number}"),
+            functools.partial(run_agent_backup, bench, f"agent-{round_number}"),
+            functools.partial(run_raw_backup, bench, f"raw-{round_number}"),
         )
         for run in results:
             logger.info("backup round %d %s: %.2f s", round_number, run.side, run.seconds)
@@ -422,8 +494,8 @@ def measure_restores(bench: Bench, repeat: int) -> list[RestoreRun]:
     for round_number in range(1, repeat + 1):
         results = alternate(
             round_number,
-            lambda: run_agent_restore(bench, round_number, reference),
-            lambda: run_raw_restore(bench, round_number, reference),
+            functools.partial(run_agent_restore, bench, round_number, reference),
+            functools.partial(run_raw_restore, bench, round_number, reference),
         )
         for run in results:
             logger.info("restore round %d %s: %.2f s", round_number, run.side, run.seconds)
@@ -440,10 +512,16 @@ def median_of(runs: list[BackupRun] | list[RestoreRun], side: str, field: str = 
 
 
 def format_row(cells: list[str], widths: list[int]) -> str:
-    return " | ".join(cell.ljust(width) if index == 0 else cell.rjust(width) for index, (cell, width) in enumerate(zip(cells, widths)))
+    """Join the cells with " | ": the first left-aligned, the numbers right-aligned."""
+    padded = [cells[0].ljust(widths[0])]
+    for cell, width in zip(cells[1:], widths[1:]):
+        padded.append(cell.rjust(width))
+    return " | ".join(padded)
 
 
-def print_table(backups: list[BackupRun], restores: list[RestoreRun], facts: dict[str, str]) -> None:
+def print_table(
+    backups: list[BackupRun], restores: list[RestoreRun], facts: dict[str, str], warm_up_s: float
+) -> None:
     header = ["operation", "agent median s", "raw median s", "ratio", "runs"]
     rows = [header]
     for operation, runs in (("backup (commit + push)", backups), ("restore (pull + run)", restores)):
@@ -459,16 +537,17 @@ def print_table(backups: list[BackupRun], restores: list[RestoreRun], facts: dic
     for row in rows[1:]:
         print(format_row(row, widths))
     print()
-    print_details(backups, restores)
+    print_details(backups, restores, warm_up_s)
 
 
-def print_details(backups: list[BackupRun], restores: list[RestoreRun]) -> None:
+def print_details(backups: list[BackupRun], restores: list[RestoreRun], warm_up_s: float) -> None:
+    print(f"agent warm-up backup of an empty container before the measured runs: {warm_up_s:.2f} s")
     agent_total = median_of(backups, "agent")
     agent_commit = median_of(backups, "agent", "commit_s")
     agent_push = median_of(backups, "agent", "push_s")
     print(
         f"agent backup medians: commit {agent_commit:.2f} s, push {agent_push:.2f} s (from the agent's /metrics), "
-        f"rest {agent_total - agent_commit - agent_push:.2f} s (request, image removal, state write, status polling)"
+        f"rest {agent_total - agent_commit - agent_push:.2f} s (request, image removal, state write, report or poll)"
     )
     raw_removals = [run.image_removal_s for run in backups if run.image_removal_s is not None]
     print(
@@ -478,9 +557,12 @@ def print_details(backups: list[BackupRun], restores: list[RestoreRun]) -> None:
     )
     print(f"raw restore median: pull {median_of(restores, 'raw', 'pull_s'):.2f} s, run -d the rest")
 
-    print("backup runs in order (side, seconds, registry blob bytes, manifest type):")
+    print("backup runs in order (side, seconds, commit s, push s, registry blob bytes, manifest type):")
     for run in backups:
-        print(f"  {run.side:<5} {run.seconds:8.2f}  {run.registry_bytes:>12}  {run.manifest_type}")
+        print(
+            f"  {run.side:<5} {run.seconds:8.2f} {run.commit_s:8.2f} {run.push_s:8.2f}"
+            f"  {run.registry_bytes:>12}  {run.manifest_type}"
+        )
     print("restore runs in order (side, seconds):")
     for run in restores:
         print(f"  {run.side:<5} {run.seconds:8.2f}")
@@ -497,14 +579,14 @@ def machine_facts(bench: Bench) -> dict[str, str]:
         "podman": podman_version,
         "docker-registry": registry_version,
         "size": f"{bench.size_mib} MiB ({random_mib} MiB random, {bench.size_mib - random_mib} MiB zeros)",
-        "status poll": f"{bench.poll_interval_s} s",
+        "agent backup end": "report" if bench.wait == "report" else f"GET every {bench.poll_interval_s} s",
     }
 
 
 # Set-up and tear-down.
 
 
-def start_agent(engine: PodmanEngine, directory: Path, timeout_s: float) -> RunnerAgent:
+def start_agent(engine: PodmanEngine, reports: ReportReceiver, directory: Path, timeout_s: float) -> RunnerAgent:
     directory.mkdir()
     settings = RunnerSettings(
         host="127.0.0.1",
@@ -514,6 +596,9 @@ def start_agent(engine: PodmanEngine, directory: Path, timeout_s: float) -> Runn
         docker_host=engine.docker_host,
         state_path=directory / "runner-state.sqlite3",
         backup_timeout_s=timeout_s,
+        manager_url=reports.url,
+        # The receiver only serves the report path, so container discovery stays off.
+        report_containers=False,
         # The engine's default network would add a bridge and firewall rules to the host.
         network_mode="none",
     )
@@ -526,25 +611,40 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> None:
     # A loose limit that only catches a hung step: it allows 2 MiB/s per step plus start-up.
     timeout_s = 120.0 + args.size_mib * 0.5
     registry = open_registry(workdir / "registry")
+    reports: ReportReceiver | None = None
     engine: PodmanEngine | None = None
     agent: RunnerAgent | None = None
     try:
         registry.start()
+        reports = ReportReceiver()
+        reports.start()
         engine = start_podman_engine(workdir / "podman", [registry.host])
-        agent = start_agent(engine, workdir / "agent", timeout_s)
-        bench = Bench(args.size_mib, args.poll_interval_s, engine, registry, agent, timeout_s)
+        agent = start_agent(engine, reports, workdir / "agent", timeout_s)
+        bench = Bench(
+            size_mib=args.size_mib,
+            wait=args.wait,
+            poll_interval_s=args.poll_interval_s,
+            engine=engine,
+            registry=registry,
+            agent=agent,
+            reports=reports,
+            timeout_s=timeout_s,
+        )
 
         logger.info("writing %d MiB into container %s", args.size_mib, SOURCE_SANDBOX_ID)
         create_source_container(bench)
         facts = machine_facts(bench)
+        warm_up_s = warm_up_agent(bench)
         backups = measure_backups(bench, args.repeat)
         restores = measure_restores(bench, args.repeat)
-        print_table(backups, restores, facts)
+        print_table(backups, restores, facts, warm_up_s)
     finally:
         if agent is not None:
             agent.stop()
         if engine is not None:
             stop_podman_engine(engine)
+        if reports is not None:
+            reports.stop()
         registry.stop()
 
 

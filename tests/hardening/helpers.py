@@ -23,7 +23,7 @@ async def claim_all(manager: BackupManager) -> list[backups.DispatchCandidate]:
     claimed = []
     for candidate in candidates:
         async with ctx.db.transaction() as session:
-            if await backups.claim(session, candidate, now=ctx.now()):
+            if await backups.claim_batch(session, [candidate], now=ctx.now()):
                 claimed.append(candidate)
     return claimed
 

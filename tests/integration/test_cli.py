@@ -52,7 +52,7 @@ async def claim_pending(manager: BackupManager) -> list[backups.DispatchCandidat
     claimed = []
     for candidate in candidates:
         async with ctx.db.transaction() as session:
-            if await backups.claim(session, candidate, now=ctx.now()):
+            if await backups.claim_batch(session, [candidate], now=ctx.now()):
                 claimed.append(candidate)
     return claimed
 
@@ -344,6 +344,14 @@ async def test_backup_and_restore_with_real_runners(manager: BackupManager, mana
         await register_runner(manager_api, agent)
     await register_registry(manager_api, registry_server.url, registry_server)
     await register_sandbox(manager_api, container.name, "node-1")
+    # Registering a running sandbox queues its first backup at once; let it finish first, so the
+    # CLI's request below is the one in flight whatever the moment its process starts.
+    sandbox_path = f"/api/v1/sandboxes/{container.name}"
+    await _wait_until(manager_api, sandbox_path, lambda body: body["backupState"] == "PENDING")
+    assert await manager.dispatch_pending() == 1
+    await _wait_until(manager_api, sandbox_path, lambda body: body["backupState"] == "COMPLETED")
+    # The manual clock stands still; the next backup needs a tag of its own.
+    manager.ctx.clock.advance(1)
 
     # The CLI waits while the test runs the dispatch job, as a manager replica would.
     backing_up = asyncio.create_task(run_cli(cli_env, "backup", container.name, "--wait", "--timeout", "60", "-o", "json"))

@@ -101,7 +101,7 @@ async def test_malformed_runner_answer_changes_nothing(manager, malformed_runner
     await manager.check_running_due()
     async with manager.ctx.db.transaction() as session:
         candidate = (await backups.dispatch_candidates(session, now=manager.ctx.now(), default_cap=6, limit=10))[0]
-        assert await backups.claim(session, candidate, now=manager.ctx.now())
+        assert await backups.claim_batch(session, [candidate], now=manager.ctx.now())
 
     assert await manager.sync_progress() == 0
 

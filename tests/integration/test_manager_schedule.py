@@ -38,7 +38,7 @@ async def _claim_all(manager: BackupManager) -> list[backups.DispatchCandidate]:
     claimed = []
     for candidate in candidates:
         async with ctx.db.transaction() as session:
-            if await backups.claim(session, candidate, now=ctx.now()):
+            if await backups.claim_batch(session, [candidate], now=ctx.now()):
                 claimed.append(candidate)
     return claimed
 
@@ -117,7 +117,7 @@ async def test_late_accept_never_overwrites_completed(one_sandbox: BackupManager
     attempt = await _complete_current(manager, api)
 
     async with manager.ctx.db.transaction() as session:
-        assert await backups.mark_accepted(session, attempt.id, now=manager.ctx.now()) is False
+        assert await backups.mark_accepted(session, [attempt.id], now=manager.ctx.now()) == set()
     history = await _backups(manager, "sb-1")
     assert history[0].state == BackupState.COMPLETED
     assert history[0].accepted_at is None

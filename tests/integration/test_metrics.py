@@ -54,7 +54,7 @@ async def _claim_all(manager: BackupManager) -> None:
         candidates = await backups.dispatch_candidates(session, now=ctx.now(), default_cap=10, limit=100)
     for candidate in candidates:
         async with ctx.db.transaction() as session:
-            assert await backups.claim(session, candidate, now=ctx.now())
+            assert await backups.claim_batch(session, [candidate], now=ctx.now())
 
 
 @pytest.fixture

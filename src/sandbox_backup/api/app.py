@@ -23,7 +23,7 @@ from sandbox_backup import errors, metrics
 from sandbox_backup.api import discovery_routes, schemas
 from sandbox_backup.domain import reference
 from sandbox_backup.domain.states import BackupState, RestorePurpose, RunnerState, SandboxBackupState, SandboxState
-from sandbox_backup.manager import drain, lifecycle, restore, retention, tracking, verification
+from sandbox_backup.manager import drain, lifecycle, registration, restore, retention, tracking, verification
 from sandbox_backup.manager.service import BackupManager
 from sandbox_backup.runner.models import BackupReport
 from sandbox_backup.store import backups, cleanup, fleet, restores, sandboxes
@@ -141,15 +141,13 @@ def create_app(manager: BackupManager) -> fastapi.FastAPI:
 
     @api.put("/sandboxes/{sandbox_id}", response_model=schemas.SandboxOut, tags=["sandboxes"])
     async def put_sandbox(sandbox_id: str, body: schemas.SandboxIn) -> schemas.SandboxOut:
-        fields = sandboxes.SandboxFields(
-            state=body.state,
-            runner_id=body.runner_id,
-            organization_id=body.organization_id,
-            region=body.region,
-            desired_state=body.desired_state,
-            ephemeral=body.ephemeral,
-        )
-        return await sandbox_out(await lifecycle.upsert_sandbox(ctx, sandbox_id, fields))
+        return await sandbox_out(await lifecycle.upsert_sandbox(ctx, sandbox_id, _sandbox_fields(body)))
+
+    @api.post("/sandboxes/batch", response_model=schemas.SandboxBatchOut, tags=["sandboxes"])
+    async def post_sandbox_batch(body: schemas.SandboxBatchIn) -> schemas.SandboxBatchOut:
+        """Record up to 1000 sandboxes in one call, all or none; each is handled as its own PUT would be."""
+        result = await registration.upsert_sandboxes(ctx, [(item.id, _sandbox_fields(item)) for item in body.sandboxes])
+        return schemas.SandboxBatchOut(recorded=result.recorded, created=result.created, backups_queued=result.backups_queued)
 
     @api.get("/sandboxes/{sandbox_id}", response_model=schemas.SandboxOut, tags=["sandboxes"])
     async def get_sandbox(sandbox_id: str) -> schemas.SandboxOut:
@@ -364,3 +362,13 @@ def _install_error_handlers(app: fastapi.FastAPI) -> None:
             problems.append(f"{location}: {error['msg']}")
         return JSONResponse(body("InvalidInput", "invalid request: " + "; ".join(problems)), status_code=422)
 
+
+def _sandbox_fields(body: schemas.SandboxIn) -> sandboxes.SandboxFields:
+    return sandboxes.SandboxFields(
+        state=body.state,
+        runner_id=body.runner_id,
+        organization_id=body.organization_id,
+        region=body.region,
+        desired_state=body.desired_state,
+        ephemeral=body.ephemeral,
+    )

@@ -79,6 +79,20 @@ class SandboxIn(ApiModel):
         return value or None
 
 
+class SandboxBatchItem(SandboxIn):
+    id: Name
+
+
+class SandboxBatchIn(ApiModel):
+    sandboxes: list[SandboxBatchItem] = pydantic.Field(max_length=1000, description="Up to 1000 sandboxes, each listed once.")
+
+
+class SandboxBatchOut(ApiModel):
+    recorded: int
+    created: int
+    backups_queued: int
+
+
 class SandboxOut(ApiModel):
     id: str
     organization_id: str | None

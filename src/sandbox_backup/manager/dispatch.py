@@ -10,8 +10,7 @@ from sandbox_backup import errors
 from sandbox_backup.manager import attempts
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.runner.models import RegistryCredentials
-from sandbox_backup.store import backups, fleet
-from sandbox_backup.store.backups import DispatchCandidate
+from sandbox_backup.store import backups
 from sandbox_backup.store.models import Backup, Registry, Runner
 
 logger = logging.getLogger(__name__)
@@ -26,60 +25,59 @@ class ClaimedAttempt:
     runner: Runner
     registry: Registry
 
+    def log_extra(self) -> dict[str, object]:
+        backup = self.backup
+        return {"sandbox_id": backup.sandbox_id, "backup_id": backup.id, "runner_id": self.runner.id, "image_ref": backup.image_ref, "attempt": backup.attempt}
+
 
 async def dispatch_pending(ctx: ManagerContext) -> int:
-    """Claim due PENDING attempts and send each to its runner; return how many were sent."""
-    now = ctx.now()
+    """Claim due PENDING attempts and send each to its runner; return how many were sent.
+
+    Reading the candidates and claiming them is one transaction with a handful of statements,
+    whatever the number of attempts; the runner calls then run concurrently, and the accepted
+    attempts are recorded together afterwards.
+    """
     async with ctx.db.transaction() as session:
         candidates = await backups.dispatch_candidates(
-            session, now=now, default_cap=ctx.settings.max_concurrent_backups_per_runner, limit=ctx.settings.dispatch_batch
+            session, now=ctx.now(), default_cap=ctx.settings.max_concurrent_backups_per_runner, limit=ctx.settings.dispatch_batch
         )
-    if not candidates:
+        rows = await backups.claim_batch(session, candidates, now=ctx.now()) if candidates else []
+    if not rows:
         return 0
 
-    claimed = [attempt for attempt in [await _claim(ctx, candidate) for candidate in candidates] if attempt is not None]
-    await asyncio.gather(*(_send(ctx, attempt) for attempt in claimed))
+    claimed = [ClaimedAttempt(*row) for row in rows]
+    ctx.metrics.attempts_started.inc(len(claimed))
+    sent = await asyncio.gather(*(_send(ctx, attempt) for attempt in claimed))
+    await _record_accepted(ctx, [attempt for attempt, ok in zip(claimed, sent, strict=True) if ok])
     return len(claimed)
 
 
-async def _claim(ctx: ManagerContext, candidate: DispatchCandidate) -> ClaimedAttempt | None:
-    async with ctx.db.transaction() as session:
-        if not await backups.claim(session, candidate, now=ctx.now()):
-            return None
-        ctx.metrics.attempts_started.inc()
-        backup = await backups.get_backup(session, candidate.backup_id)
-        runner = await fleet.get_runner(session, candidate.runner_id)
-        registry = await fleet.get_registry(session, backup.registry_id) if backup else None
-    if backup is None or runner is None or registry is None:
-        return None
-    return ClaimedAttempt(backup, runner, registry)
-
-
-async def _send(ctx: ManagerContext, attempt: ClaimedAttempt) -> None:
+async def _send(ctx: ManagerContext, attempt: ClaimedAttempt) -> bool:
+    """Start the attempt on its runner; return True when the runner took it."""
     backup, runner, registry = attempt.backup, attempt.runner, attempt.registry
     credentials = RegistryCredentials(url=registry.url, project=registry.project, username=registry.username, password=registry.password)
-    log_extra = {"sandbox_id": backup.sandbox_id, "backup_id": backup.id, "runner_id": runner.id, "image_ref": backup.image_ref, "attempt": backup.attempt}
-
     try:
         async with ctx.runner_calls:
             await ctx.runner_client(runner).create_backup(backup.sandbox_id, credentials, backup.image_ref)
     except errors.RunnerRejected as exc:
         if any(marker in str(exc).lower() for marker in ALREADY_RUNNING_MARKERS):
-            await _accept(ctx, backup, log_extra)
-            return
+            return True
         await attempts.fail_attempt(ctx, backup, reason=f"runner {runner.id} rejected the backup: {exc}", transient=exc.status_code == 409)
-        return
+        return False
     except errors.RunnerError as exc:
         await attempts.fail_attempt(ctx, backup, reason=f"could not start the backup on runner {runner.id}: {exc}", transient=True)
+        return False
+    return True
+
+
+async def _record_accepted(ctx: ManagerContext, accepted: list[ClaimedAttempt]) -> None:
+    if not accepted:
         return
-
-    await _accept(ctx, backup, log_extra)
-
-
-async def _accept(ctx: ManagerContext, backup: Backup, log_extra: dict[str, object]) -> None:
     async with ctx.db.transaction() as session:
-        accepted = await backups.mark_accepted(session, backup.id, now=ctx.now())
-    if accepted:
-        logger.info("backup started on runner", extra={"action": "backup_dispatched", **log_extra})
-    else:
-        logger.debug("runner accepted an attempt that has already ended", extra={"action": "lost_race", **log_extra})
+        still_open = await backups.mark_accepted(session, [attempt.backup.id for attempt in accepted], now=ctx.now())
+    for attempt in accepted:
+        if attempt.backup.id in still_open:
+            logger.info("backup started on runner", extra={"action": "backup_dispatched", **attempt.log_extra()})
+        else:
+            # A fast runner may report the end before the acceptance is recorded.
+            logger.info("backup started on runner and already ended", extra={"action": "backup_dispatched", **attempt.log_extra()})

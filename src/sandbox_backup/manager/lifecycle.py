@@ -108,7 +108,7 @@ async def handle_event(ctx: ManagerContext, sandbox_id: str, event: LifecycleEve
 
 async def _after_state_change(ctx: ManagerContext, sandbox_id: str, state: SandboxState) -> None:
     if state == SandboxState.DESTROYED:
-        await _on_destroyed(ctx, sandbox_id)
+        await on_destroyed(ctx, sandbox_id)
         return
     if state in (SandboxState.STOPPED, SandboxState.ARCHIVING):
         trigger = BackupTrigger.ARCHIVE if state == SandboxState.ARCHIVING else BackupTrigger.STOPPED
@@ -165,7 +165,7 @@ def _check_can_back_up(sandbox: Sandbox, runner) -> None:  # type: ignore[no-unt
         raise errors.Conflict(f"sandbox {sandbox.id!r} is on runner {sandbox.runner_id!r} which is {state}; a backup needs a READY or DRAINING runner")
 
 
-async def _on_destroyed(ctx: ManagerContext, sandbox_id: str) -> None:
+async def on_destroyed(ctx: ManagerContext, sandbox_id: str) -> None:
     now = ctx.now()
     lock = ctx.coordinator.lock(keys.sandbox_lock_name(sandbox_id), ttl_s=scheduling.SANDBOX_LOCK_TTL_S)
     # Destroy goes ahead even when the wait times out: the guarded updates below are the fence,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import uuid
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -169,45 +170,85 @@ async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, 
     return [DispatchCandidate(*row) for row in result.all()]
 
 
-async def claim(session: AsyncSession, candidate: DispatchCandidate, *, now: datetime.datetime) -> bool:
-    """Move a PENDING attempt to IN_PROGRESS on its runner, only while the runner is under its cap.
+async def claim_batch(session: AsyncSession, candidates: Sequence[DispatchCandidate], *, now: datetime.datetime) -> list[tuple[Backup, Runner, Registry]]:
+    """Move PENDING attempts to IN_PROGRESS, each only while its runner is under its cap.
 
     This write is the dispatch fence: of several managers that picked the same attempt, exactly
-    one claim succeeds, and only the winner calls the runner. On PostgreSQL the runner row is locked
-    first, so concurrent claims for one runner count each other's attempts.
+    one claims it, and only the winner calls the runner. On PostgreSQL the candidates' runner rows
+    are locked first (in id order, so two claimers never deadlock) and their attempts in flight
+    counted under that lock, so concurrent claimers never exceed a runner's cap together.
+    Returns each claimed attempt with what sending it needs, in the candidates' order.
     """
+    runner_ids = sorted({candidate.runner_id for candidate in candidates})
+    if not runner_ids:
+        return []
     if session.bind.dialect.name == "postgresql":
-        await session.execute(sa.select(Runner.id).where(Runner.id == candidate.runner_id).with_for_update())
+        await session.execute(sa.select(Runner.id).where(Runner.id.in_(runner_ids)).order_by(Runner.id).with_for_update())
 
-    running = sa.select(sa.func.count()).select_from(Backup).where(
-        Backup.runner_id == candidate.runner_id, Backup.state == BackupState.IN_PROGRESS
+    running = await session.execute(
+        sa.select(Backup.runner_id, sa.func.count())
+        .where(Backup.runner_id.in_(runner_ids), Backup.state == BackupState.IN_PROGRESS)
+        .group_by(Backup.runner_id)
     )
-    running_count = (await session.execute(running)).scalar_one()
-    if running_count >= candidate.cap:
-        return False
+    in_flight = {runner_id: count for runner_id, count in running.all()}
+    chosen = []
+    for candidate in candidates:
+        if in_flight.get(candidate.runner_id, 0) < candidate.cap:
+            in_flight[candidate.runner_id] = in_flight.get(candidate.runner_id, 0) + 1
+            chosen.append(candidate)
+    if not chosen:
+        return []
 
-    claimed = await guards.guarded_update(
-        session,
-        Backup,
-        candidate.backup_id,
-        expected={"state": BackupState.PENDING, "version": candidate.backup_version},
-        values={"state": BackupState.IN_PROGRESS, "runner_id": candidate.runner_id, "started_at": now, "checked_at": now, "updated_at": now},
-        action="claim",
+    claim = (
+        sa.update(Backup)
+        .where(
+            sa.tuple_(Backup.id, Backup.version).in_([(c.backup_id, c.backup_version) for c in chosen]),
+            Backup.state == BackupState.PENDING,
+        )
+        .values(
+            state=BackupState.IN_PROGRESS,
+            runner_id=sa.case({c.backup_id: c.runner_id for c in chosen}, value=Backup.id),
+            started_at=now,
+            checked_at=now,
+            updated_at=now,
+            version=Backup.version + 1,
+        )
+        .returning(Backup.id)
     )
-    if claimed:
-        await _mirror_on_sandbox(session, candidate.sandbox_id, candidate.backup_id, SandboxBackupState.IN_PROGRESS, now=now)
-    return claimed
+    claimed = set((await session.execute(claim, execution_options={"synchronize_session": False})).scalars())
+    if not claimed:
+        return []
+
+    mirror = (
+        sa.update(Sandbox)
+        .where(Sandbox.current_backup_id.in_(claimed))
+        .values(backup_state=SandboxBackupState.IN_PROGRESS, updated_at=now, version=Sandbox.version + 1)
+    )
+    await session.execute(mirror, execution_options={"synchronize_session": False})
+
+    details = await session.execute(
+        sa.select(Backup, Runner, Registry)
+        .join(Runner, Runner.id == Backup.runner_id)
+        .join(Registry, Registry.id == Backup.registry_id)
+        .where(Backup.id.in_(claimed))
+        .execution_options(populate_existing=True)
+    )
+    by_id = {row[0].id: (row[0], row[1], row[2]) for row in details.all()}
+    return [by_id[c.backup_id] for c in chosen if c.backup_id in by_id]
 
 
-async def mark_accepted(session: AsyncSession, backup_id: str, *, now: datetime.datetime) -> bool:
-    """Record that the runner accepted the attempt; a no-op once the attempt has ended."""
+async def mark_accepted(session: AsyncSession, backup_ids: Sequence[str], *, now: datetime.datetime) -> set[str]:
+    """Record that the runner accepted these attempts; return those still open (the rest have ended)."""
+    if not backup_ids:
+        return set()
     statement = (
         sa.update(Backup)
-        .where(Backup.id == backup_id, Backup.state == BackupState.IN_PROGRESS, Backup.accepted_at.is_(None))
+        .where(Backup.id.in_(list(backup_ids)), Backup.state == BackupState.IN_PROGRESS, Backup.accepted_at.is_(None))
         .values(accepted_at=now, updated_at=now)
+        .returning(Backup.id)
     )
     result = await session.execute(statement, execution_options={"synchronize_session": False})
-    return result.rowcount == 1
+    return set(result.scalars())
 
 
 async def touch_checked(session: AsyncSession, backup_id: str, *, now: datetime.datetime) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -71,6 +72,45 @@ async def insert_sandbox(session: AsyncSession, sandbox_id: str, fields: Sandbox
     session.add(sandbox)
     await session.flush()
     return sandbox
+
+
+async def get_sandboxes(session: AsyncSession, sandbox_ids: Sequence[str]) -> dict[str, Sandbox]:
+    """Return the known sandboxes among `sandbox_ids`, by id."""
+    if not sandbox_ids:
+        return {}
+    result = await session.execute(sa.select(Sandbox).where(Sandbox.id.in_(list(sandbox_ids))))
+    return {sandbox.id: sandbox for sandbox in result.scalars()}
+
+
+async def insert_sandboxes(session: AsyncSession, new: Sequence[tuple[str, SandboxFields]], *, now: datetime.datetime) -> None:
+    """Insert many new sandboxes with one statement per thousand."""
+    rows = [
+        {
+            "id": sandbox_id,
+            "organization_id": fields.organization_id,
+            "runner_id": fields.runner_id,
+            "region": fields.region,
+            "state": fields.state,
+            "desired_state": fields.desired_state,
+            "ephemeral": fields.ephemeral,
+            "backup_state": SandboxBackupState.NONE,
+            "state_changed_at": now,
+            "created_at": now,
+            "updated_at": now,
+            "version": 1,
+        }
+        for sandbox_id, fields in new
+    ]
+    for start in range(0, len(rows), 1000):
+        await session.execute(sa.insert(Sandbox).values(rows[start : start + 1000]), execution_options={"synchronize_session": False})
+
+
+async def due_rows(session: AsyncSession, sandbox_ids: Sequence[str]) -> list[tuple[Sandbox, Runner | None]]:
+    """The sandboxes among `sandbox_ids` with their runners, as a due check reads them."""
+    if not sandbox_ids:
+        return []
+    statement = sa.select(Sandbox, Runner).outerjoin(Runner, Runner.id == Sandbox.runner_id).where(Sandbox.id.in_(list(sandbox_ids))).order_by(Sandbox.id)
+    return [(row[0], row[1]) for row in (await session.execute(statement)).all()]
 
 
 async def update_sandbox(session: AsyncSession, sandbox: Sandbox, fields: SandboxFields, *, now: datetime.datetime) -> bool:
