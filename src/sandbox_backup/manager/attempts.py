@@ -33,19 +33,23 @@ async def complete_attempt(ctx: ManagerContext, backup: Backup, *, digest: str |
         if current is None:
             return False
         done = await backups.complete(session, current, digest=digest, size_bytes=size_bytes, layer_count=layer_count, now=now)
-
-    if done:
-        ctx.metrics.record_attempt_end("completed", duration_s=_duration_s(backup, now), size_bytes=size_bytes)
-        # A runner slot is free: the next PENDING attempt need not wait for the dispatch tick.
-        ctx.wake_dispatch.set()
-        ctx.wake_archive.set()
-        logger.info(
-            "backup completed",
-            extra={"action": "backup_completed", "sandbox_id": backup.sandbox_id, "backup_id": backup.id, "runner_id": backup.runner_id, "image_ref": backup.image_ref, "digest": digest},
-        )
-    else:
-        logger.debug("completion ignored: the attempt already ended", extra={"action": "lost_race", "backup_id": backup.id})
+    record_completion(ctx, backup, done=done, digest=digest, size_bytes=size_bytes, now=now)
     return done
+
+
+def record_completion(ctx: ManagerContext, backup: Backup, *, done: bool, digest: str | None, size_bytes: int | None, now: datetime.datetime) -> None:
+    """After a completion was written (or lost its race): metrics, wake-ups and the log line."""
+    if not done:
+        logger.debug("completion ignored: the attempt already ended", extra={"action": "lost_race", "backup_id": backup.id})
+        return
+    ctx.metrics.record_attempt_end("completed", duration_s=_duration_s(backup, now), size_bytes=size_bytes)
+    # A runner slot is free: the next PENDING attempt need not wait for the dispatch tick.
+    ctx.wake_dispatch.set()
+    ctx.wake_archive.set()
+    logger.info(
+        "backup completed",
+        extra={"action": "backup_completed", "sandbox_id": backup.sandbox_id, "backup_id": backup.id, "runner_id": backup.runner_id, "image_ref": backup.image_ref, "digest": digest},
+    )
 
 
 async def _resolve_digest(ctx: ManagerContext, backup: Backup) -> tuple[str, int] | None:

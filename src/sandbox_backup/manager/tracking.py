@@ -17,7 +17,7 @@ from sandbox_backup.domain import reference
 from sandbox_backup.manager import attempts
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.runner.models import BackupReport, RunnerBackupState, SandboxInfo
-from sandbox_backup.store import backups, fleet
+from sandbox_backup.store import backups
 from sandbox_backup.store.models import Backup, Runner
 
 logger = logging.getLogger(__name__)
@@ -28,13 +28,20 @@ class ReportRejected(errors.SandboxBackupError):
 
 
 async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report: BackupReport) -> bool:
-    """Apply a runner's report; return False when it does not match the attempt the sandbox awaits."""
+    """Apply a runner's report; return False when it does not match the attempt the sandbox awaits.
+
+    A completion that carries its digest, the usual case, is checked and written in one
+    transaction of three statements.
+    """
     _check_report(report)
+    now = ctx.now()
+    completed_here: bool | None = None
     async with ctx.db.transaction() as session:
-        runner = await fleet.get_runner(session, runner_id)
-        if runner is None or not token or not hmac.compare_digest(runner.token.encode(), token.encode()):
+        runner_token, backup = await backups.find_awaited_for_runner(session, runner_id=runner_id, sandbox_id=report.sandbox_id, image_ref=report.snapshot)
+        if runner_token is None or not token or not hmac.compare_digest(runner_token.encode(), token.encode()):
             raise ReportRejected(f"report for runner {runner_id!r} rejected: unknown runner or wrong token")
-        backup = await backups.find_awaited(session, sandbox_id=report.sandbox_id, runner_id=runner_id, image_ref=report.snapshot)
+        if backup is not None and report.state == RunnerBackupState.COMPLETED and report.digest:
+            completed_here = await backups.complete(session, backup, digest=report.digest, size_bytes=report.size_bytes, layer_count=report.layer_count, now=now)
 
     if backup is None:
         logger.info(
@@ -43,7 +50,11 @@ async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report:
         )
         return False
 
+    if completed_here is not None:
+        attempts.record_completion(ctx, backup, done=completed_here, digest=report.digest, size_bytes=report.size_bytes, now=now)
+        return completed_here
     if report.state == RunnerBackupState.COMPLETED:
+        # No digest in the report: the registry is asked for it outside any transaction.
         return await attempts.complete_attempt(ctx, backup, digest=report.digest, size_bytes=report.size_bytes, layer_count=report.layer_count)
     if report.state == RunnerBackupState.FAILED:
         reason = f"runner {runner_id} reported: {report.error or 'backup failed'}"

@@ -280,6 +280,22 @@ async def find_awaited(session: AsyncSession, *, sandbox_id: str, runner_id: str
     return (await session.execute(statement)).scalar_one_or_none()
 
 
+async def find_awaited_for_runner(session: AsyncSession, *, runner_id: str, sandbox_id: str, image_ref: str) -> tuple[str | None, Backup | None]:
+    """Return the runner's token (None for an unknown runner) and the open attempt that awaits `image_ref`.
+
+    One statement serves both the report's authentication and its lookup.
+    """
+    awaited = sa.and_(
+        Backup.runner_id == Runner.id,
+        Backup.sandbox_id == sandbox_id,
+        Backup.image_ref == image_ref,
+        Backup.state.in_(OPEN_STATES),
+    )
+    statement = sa.select(Runner.token, Backup).select_from(Runner).outerjoin(Backup, awaited).where(Runner.id == runner_id)
+    row = (await session.execute(statement)).first()
+    return (None, None) if row is None else (row[0], row[1])
+
+
 async def complete(
     session: AsyncSession, backup: Backup, *, digest: str | None, size_bytes: int | None, now: datetime.datetime, layer_count: int | None = None
 ) -> bool:
@@ -303,28 +319,30 @@ async def complete(
     if not done:
         return False
 
-    sandbox = await session.get(Sandbox, backup.sandbox_id, populate_existing=True)
-    if sandbox is not None and SandboxState.DESTROYED in (sandbox.state, sandbox.desired_state):
+    mirror = (
+        sa.update(Sandbox)
+        .where(Sandbox.id == backup.sandbox_id, Sandbox.current_backup_id == backup.id)
+        .values(
+            backup_state=SandboxBackupState.COMPLETED,
+            last_backup_at=now,
+            last_backup_started_at=backup.started_at or now,
+            last_attempt_ended_at=now,
+            error_reason=None,
+            updated_at=now,
+            version=Sandbox.version + 1,
+        )
+        .returning(Sandbox.state, Sandbox.desired_state)
+    )
+    row = (await session.execute(mirror, execution_options={"synchronize_session": False})).first()
+    if row is None:
+        # The sandbox awaits another attempt (or is gone); its state still decides the cleanup below.
+        sandbox = await session.get(Sandbox, backup.sandbox_id, populate_existing=True)
+        row = None if sandbox is None else (sandbox.state, sandbox.desired_state)
+    if row is not None and SandboxState.DESTROYED in tuple(row):
         # A push that ended after the destroy: the owed repository deletion removes it too.
         await session.execute(
             sa.update(Backup).where(Backup.id == backup.id).values(deleted_at=now), execution_options={"synchronize_session": False}
         )
-
-    await guards.guarded_update(
-        session,
-        Sandbox,
-        backup.sandbox_id,
-        expected={"current_backup_id": backup.id},
-        values={
-            "backup_state": SandboxBackupState.COMPLETED,
-            "last_backup_at": now,
-            "last_backup_started_at": backup.started_at or now,
-            "last_attempt_ended_at": now,
-            "error_reason": None,
-            "updated_at": now,
-        },
-        action="complete_on_sandbox",
-    )
     return True
 
 
