@@ -109,6 +109,11 @@ class BackupRun:
     # Raw side only: `podman rmi` after the measured commands, which the agent does inside its time.
     image_removal_s: float | None = None
 
+    @property
+    def other_s(self) -> float:
+        """Seconds outside commit and push: for the agent, the request, image removal, state write and report."""
+        return self.seconds - self.commit_s - self.push_s
+
 
 @dataclasses.dataclass
 class RestoreRun:
@@ -542,12 +547,10 @@ def print_table(
 
 def print_details(backups: list[BackupRun], restores: list[RestoreRun], warm_up_s: float) -> None:
     print(f"agent warm-up backup of an empty container before the measured runs: {warm_up_s:.2f} s")
-    agent_total = median_of(backups, "agent")
-    agent_commit = median_of(backups, "agent", "commit_s")
-    agent_push = median_of(backups, "agent", "push_s")
     print(
-        f"agent backup medians: commit {agent_commit:.2f} s, push {agent_push:.2f} s (from the agent's /metrics), "
-        f"rest {agent_total - agent_commit - agent_push:.2f} s (request, image removal, state write, report or poll)"
+        f"agent backup medians: commit {median_of(backups, 'agent', 'commit_s'):.2f} s, "
+        f"push {median_of(backups, 'agent', 'push_s'):.2f} s (from the agent's /metrics), "
+        f"other {median_of(backups, 'agent', 'other_s'):.2f} s (request, image removal, state write, report or poll)"
     )
     raw_removals = [run.image_removal_s for run in backups if run.image_removal_s is not None]
     print(
@@ -557,10 +560,10 @@ def print_details(backups: list[BackupRun], restores: list[RestoreRun], warm_up_
     )
     print(f"raw restore median: pull {median_of(restores, 'raw', 'pull_s'):.2f} s, run -d the rest")
 
-    print("backup runs in order (side, seconds, commit s, push s, registry blob bytes, manifest type):")
+    print("backup runs in order (side, seconds, commit s, push s, other s, registry blob bytes, manifest type):")
     for run in backups:
         print(
-            f"  {run.side:<5} {run.seconds:8.2f} {run.commit_s:8.2f} {run.push_s:8.2f}"
+            f"  {run.side:<5} {run.seconds:8.2f} {run.commit_s:8.2f} {run.push_s:8.2f} {run.other_s:8.2f}"
             f"  {run.registry_bytes:>12}  {run.manifest_type}"
         )
     print("restore runs in order (side, seconds):")

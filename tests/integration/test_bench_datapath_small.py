@@ -44,8 +44,10 @@ def test_bench_datapath_small_prints_table() -> None:
         assert cells[4] == "1", output
 
     # Both sides pushed the same layers, so the registry held the same bytes after each run.
-    # Each backup run line: side, seconds, commit s, push s, registry blob bytes, manifest type.
-    backup_runs = re.findall(r"^  (agent|raw) +[\d.]+ +[\d.]+ +[\d.]+ +(\d+) ", result.stdout, re.MULTILINE)
+    # Each backup run line: side, seconds, commit s, push s, other s, registry blob bytes, manifest type.
+    backup_runs = re.findall(
+        r"^  (agent|raw) +[\d.]+ +[\d.]+ +[\d.]+ +-?[\d.]+ +(\d+) ", result.stdout, re.MULTILINE
+    )
     assert sorted(side for side, _ in backup_runs) == ["agent", "raw"], output
     assert len({size for _, size in backup_runs}) == 1, output
 

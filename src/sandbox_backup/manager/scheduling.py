@@ -46,8 +46,8 @@ async def check_stopped_due(ctx: ManagerContext) -> int:
 async def _queue_all_due(ctx: ManagerContext, fetch_batch) -> int:  # type: ignore[no-untyped-def]
     """Queue every due sandbox now, batch after batch, instead of one batch per tick.
 
-    Each batch is read and queued in one transaction; the attempt inserts are guarded by the
-    sandbox versions read, so a sandbox that changes meanwhile is simply left for the next pass.
+    Each batch is read and queued in one transaction. The inserts are guarded by the sandbox
+    versions read, so a sandbox that changes meanwhile is left for the next pass.
     """
     total = 0
     for _ in range(MAX_BATCHES_PER_PASS):

@@ -1,0 +1,145 @@
+"""Bulk paths on SQLite and PostgreSQL: batch registration, bulk queueing and bulk claims.
+
+Each must keep the fences of the one-at-a-time paths: one attempt in flight per sandbox, the
+sandbox version read before a write, and the per-runner cap.
+"""
+
+from __future__ import annotations
+
+import httpx
+import sqlalchemy as sa
+
+from sandbox_backup.domain.states import BackupState, BackupTrigger, SandboxBackupState, SandboxState
+from sandbox_backup.manager.service import BackupManager
+from sandbox_backup.store import attempt_queue, backups, fleet, sandboxes
+from sandbox_backup.store.models import Backup, Sandbox
+from tests.fixtures.manager import add_registry, add_runner, add_sandbox
+
+
+async def _rows(manager: BackupManager, model, **where) -> list:  # type: ignore[no-untyped-def]
+    async with manager.ctx.db.transaction() as session:
+        statement = sa.select(model).filter_by(**where)
+        return list((await session.execute(statement)).scalars())
+
+
+def _item(sandbox_id: str, state: str = "STARTED", runner_id: str = "r1", **extra: object) -> dict[str, object]:
+    return {"id": sandbox_id, "state": state, "runnerId": runner_id, "organizationId": "org-1", **extra}
+
+
+async def test_batch_records_sandboxes_and_queues_due_backups(manager: BackupManager, api: httpx.AsyncClient) -> None:
+    await add_runner(manager, "r1")
+    await add_registry(manager)
+
+    batch = [_item("sb-run"), _item("sb-stop", state="STOPPED"), _item("sb-eph", ephemeral=True), _item("sb-pool", organizationId="")]
+    response = await api.post("/api/v1/sandboxes/batch", json={"sandboxes": batch})
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"recorded": 4, "created": 4, "backupsQueued": 2}
+    pending = {b.sandbox_id: b for b in await _rows(manager, Backup, state=BackupState.PENDING)}
+    assert set(pending) == {"sb-run", "sb-stop"}
+    assert pending["sb-run"].trigger == BackupTrigger.SCHEDULE
+    assert pending["sb-stop"].trigger == BackupTrigger.STOPPED
+    for sandbox in await _rows(manager, Sandbox):
+        expected = SandboxBackupState.PENDING if sandbox.id in pending else SandboxBackupState.NONE
+        assert sandbox.backup_state == expected, sandbox.id
+        assert sandbox.current_backup_id == (pending[sandbox.id].id if sandbox.id in pending else None)
+
+    # The same batch again changes nothing and queues nothing: both attempts are still in flight.
+    again = await api.post("/api/v1/sandboxes/batch", json={"sandboxes": batch})
+    assert again.json() == {"recorded": 4, "created": 0, "backupsQueued": 0}
+    assert len(await _rows(manager, Backup)) == 2
+
+
+async def test_batch_is_all_or_nothing(manager: BackupManager, api: httpx.AsyncClient) -> None:
+    await add_runner(manager, "r1")
+    await add_registry(manager)
+
+    unknown_runner = await api.post("/api/v1/sandboxes/batch", json={"sandboxes": [_item("sb-1"), _item("sb-2", runner_id="r-missing")]})
+    repeated = await api.post("/api/v1/sandboxes/batch", json={"sandboxes": [_item("sb-1"), _item("sb-1")]})
+    bad_id = await api.post("/api/v1/sandboxes/batch", json={"sandboxes": [_item("sb-1"), _item("Not A Valid Id")]})
+    too_many = await api.post("/api/v1/sandboxes/batch", json={"sandboxes": [_item(f"sb-{i}") for i in range(1001)]})
+
+    assert unknown_runner.status_code == 404
+    assert "r-missing" in unknown_runner.json()["error"]["message"]
+    assert repeated.status_code == 400
+    assert "listed twice" in repeated.json()["error"]["message"]
+    assert bad_id.status_code == 400
+    assert too_many.status_code == 422
+    assert await _rows(manager, Sandbox) == []
+    assert await _rows(manager, Backup) == []
+
+
+async def test_batch_destroy_cancels_and_owes_the_deletion(manager: BackupManager, api: httpx.AsyncClient) -> None:
+    await add_runner(manager, "r1")
+    await add_registry(manager)
+    await api.post("/api/v1/sandboxes/batch", json={"sandboxes": [_item("sb-1"), _item("sb-2")]})
+
+    response = await api.post("/api/v1/sandboxes/batch", json={"sandboxes": [_item("sb-1", state="DESTROYED"), _item("sb-2")]})
+
+    assert response.json() == {"recorded": 2, "created": 0, "backupsQueued": 0}
+    states = {b.sandbox_id: b.state for b in await _rows(manager, Backup)}
+    assert states == {"sb-1": BackupState.ERROR, "sb-2": BackupState.PENDING}
+    detail = (await api.get("/api/v1/sandboxes/sb-1")).json()
+    assert detail["state"] == "DESTROYED"
+    assert detail["owedDeletions"] == 1
+
+
+async def test_bulk_queue_skips_in_flight_and_changed_sandboxes(manager: BackupManager) -> None:
+    ctx = manager.ctx
+    await add_runner(manager, "r1")
+    await add_registry(manager)
+    for sandbox_id in ("sb-free", "sb-busy", "sb-moved"):
+        await add_sandbox(manager, sandbox_id, runner_id="r1")
+    async with ctx.db.transaction() as session:
+        read = await sandboxes.get_sandboxes(session, ["sb-free", "sb-busy", "sb-moved"])
+        registry = await fleet.get_registry(session, "main")
+    # sb-busy already has an attempt in flight; sb-moved stops after it was read.
+    await manager.check_running_due()
+    async with ctx.db.transaction() as session:
+        for sandbox_id in ("sb-free", "sb-moved"):
+            await backups.cancel_pending(session, sandbox_id, reason="test", now=ctx.now())
+        await sandboxes.set_state(session, await sandboxes.get_sandbox(session, "sb-moved"), SandboxState.STOPPED, now=ctx.now())
+        read["sb-free"] = await sandboxes.get_sandbox(session, "sb-free")
+
+    requests = [attempt_queue.AttemptRequest(s.id, s.version, s.runner_id, registry, BackupTrigger.SCHEDULE) for s in read.values()]
+    async with ctx.db.transaction() as session:
+        result = await attempt_queue.create_attempts(session, requests, now=ctx.now())
+
+    assert [q.sandbox_id for q in result.queued] == ["sb-free"]
+    open_attempts = {b.sandbox_id: b.id for b in await _rows(manager, Backup) if b.state in (BackupState.PENDING, BackupState.IN_PROGRESS)}
+    # The attempt taken back for sb-moved is gone; sb-busy keeps the attempt it had.
+    assert set(open_attempts) == {"sb-free", "sb-busy"}
+    assert open_attempts["sb-free"] == result.queued[0].backup_id
+    current = {s.id: s.current_backup_id for s in await _rows(manager, Sandbox)}
+    assert current["sb-free"] == result.queued[0].backup_id
+    assert current["sb-busy"] == open_attempts["sb-busy"]
+
+
+async def test_bulk_claim_keeps_the_runner_cap(manager: BackupManager) -> None:
+    ctx = manager.ctx
+    await add_runner(manager, "r1", max_concurrent_backups=3)
+    await add_runner(manager, "r2", max_concurrent_backups=1)
+    await add_registry(manager)
+    for i in range(5):
+        await add_sandbox(manager, f"sb-a{i}", runner_id="r1")
+        await add_sandbox(manager, f"sb-b{i}", runner_id="r2")
+    assert await manager.check_running_due() == 10
+
+    # Candidates as a reader that saw no attempt in flight would pick them: every PENDING attempt.
+    caps = {"r1": 3, "r2": 1}
+    runner_of = {s.id: s.runner_id for s in await _rows(manager, Sandbox)}
+    stale = [
+        backups.DispatchCandidate(b.id, b.version, b.sandbox_id, runner_of[b.sandbox_id], cap=caps[runner_of[b.sandbox_id]])
+        for b in sorted(await _rows(manager, Backup), key=lambda b: b.sandbox_id)
+    ]
+    async with ctx.db.transaction() as session:
+        first = await backups.claim_batch(session, stale, now=ctx.now())
+    async with ctx.db.transaction() as session:
+        second = await backups.claim_batch(session, stale, now=ctx.now())
+
+    assert sorted(backup.runner_id for backup, _, _ in first) == ["r1", "r1", "r1", "r2"]
+    assert second == []
+    claimed = {backup.id for backup, _, _ in first}
+    for sandbox in await _rows(manager, Sandbox):
+        expected = SandboxBackupState.IN_PROGRESS if sandbox.current_backup_id in claimed else SandboxBackupState.PENDING
+        assert sandbox.backup_state == expected, sandbox.id
