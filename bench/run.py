@@ -2,15 +2,22 @@
 
 Each workload gets a fresh PostgreSQL database, a fresh Redis key prefix, a
 `sandbox-backup serve` subprocess (through bench/manager_main.py) and a bench/fleet.py
-subprocess. Runners, one registry and the sandboxes are created through the REST API.
-t0 is the moment the last sandbox PUT returned. A workload ends when every sandbox has a
-COMPLETED backup in the database.
+subprocess. Runners and one registry are created through the REST API. Unless BENCH_PG_URL
+names a server, the benchmark starts its own PostgreSQL with pg_stat_statements loaded
+(bench/pgserver.py), so statements are counted by the server as well as by the manager.
 
 Workloads:
-  w1   every sandbox STOPPED and never backed up
-  w2b  every sandbox STARTED and never backed up
+  w1   every sandbox STOPPED and never backed up; registered through the API, t0 = the last
+       registration call returned; ends when every sandbox has a COMPLETED backup
+  w2b  every sandbox STARTED and never backed up; otherwise as w1
+  w2   every sandbox STARTED, its last backup COMPLETED 2 h before t0; sandboxes and backups
+       are written straight into the database in one transaction, t0 = its commit; counts the
+       backups dispatched within one due-check interval of t0 and ends when all COMPLETED
 
-Usage: .venv/bin/python bench/run.py [--small] [--workload w1|w2b|both]
+Registration (w1, w2b): `--register batch` (default) uses POST /api/v1/sandboxes/batch with
+1000 sandboxes per call; `--register single` uses one PUT per sandbox, 8 at a time.
+
+Usage: .venv/bin/python bench/run.py [--small] [--workload w1|w2|w2b|all] [--register batch|single]
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -28,14 +36,21 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 
+import fleet as fleet_names
+from pgserver import PrivatePostgres
+
 BENCH_DIR = Path(__file__).resolve().parent
-PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# Set by main(): BENCH_PG_URL, or the private server the benchmark starts.
+PG_ADMIN_URL = ""
+# Marks the benchmark's own queries, so server-side statement counts leave them out.
+BENCH_QUERY_MARK = "/* bench-harness */"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 API_TOKEN = "bench-admin-token-" + secrets.token_hex(8)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -48,11 +63,12 @@ class Size:
     duration_s: float
     timeout_s: float
     idle_s: float
+    due_interval_s: float
     # Manager settings that differ from its defaults, as SANDBOX_BACKUP_* variables.
     manager_env: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-FULL = Size(runners=100, sandboxes_per_runner=20, duration_s=2.0, timeout_s=1500.0, idle_s=10.0)
+FULL = Size(runners=100, sandboxes_per_runner=20, duration_s=2.0, timeout_s=1500.0, idle_s=10.0, due_interval_s=60.0)
 # The default due check runs every 60 s, so W2b alone would take a minute. CI uses 5 s.
 SMALL = Size(
     runners=5,
@@ -60,9 +76,11 @@ SMALL = Size(
     duration_s=0.2,
     timeout_s=90.0,
     idle_s=2.0,
+    due_interval_s=5.0,
     manager_env={"SANDBOX_BACKUP_DUE_CHECK_INTERVAL_S": "5"},
 )
-WORKLOAD_STATES = {"w1": ("STOPPED", "stopped"), "w2b": ("STARTED", "started")}
+WORKLOAD_STATES = {"w1": ("STOPPED", "stopped"), "w2b": ("STARTED", "started"), "w2": ("STARTED", "started")}
+SEED_TAG = "seed"
 
 
 def free_port() -> int:
@@ -121,9 +139,16 @@ async def check_pg_stat_statements(conn: asyncpg.Connection) -> str:
     return "loaded"
 
 
-async def pg_statement_count(admin: asyncpg.Connection, database: str) -> int:
-    query = "SELECT coalesce(sum(s.calls), 0) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1"
-    return int(await admin.fetchval(query, database))
+async def pg_statement_count(admin: asyncpg.Connection, database: str) -> tuple[int, int]:
+    """Return the statements the manager ran on `database`: all, and all but BEGIN/COMMIT/ROLLBACK."""
+    query = (
+        f"SELECT {BENCH_QUERY_MARK} coalesce(sum(s.calls), 0), "
+        "coalesce(sum(s.calls) FILTER (WHERE s.query !~* '^\\s*(begin|commit|rollback|start transaction)'), 0) "
+        "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+        f"WHERE d.datname = $1 AND s.query NOT LIKE '%bench-harness%'"
+    )
+    row = await admin.fetchrow(query, database)
+    return int(row[0]), int(row[1])
 
 
 async def put_all(http: httpx.AsyncClient, paths_and_bodies: list[tuple[str, dict[str, Any]]], concurrency: int) -> None:
@@ -138,10 +163,11 @@ async def put_all(http: httpx.AsyncClient, paths_and_bodies: list[tuple[str, dic
     await asyncio.gather(*(put(path, body) for path, body in paths_and_bodies))
 
 
-async def run_workload(workload: str, size: Size, workdir: Path) -> dict[str, Any]:
+async def run_workload(workload: str, size: Size, workdir: Path, register: str) -> dict[str, Any]:
     sandbox_state, container_state = WORKLOAD_STATES[workload]
     total = size.runners * size.sandboxes_per_runner
     database = f"bench_{secrets.token_hex(6)}"
+    database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}"
     events_path = workdir / f"{workload}-fleet-events.jsonl"
     sql_count_path = workdir / f"{workload}-sql-count"
     manager_port = free_port()
@@ -151,11 +177,14 @@ async def run_workload(workload: str, size: Size, workdir: Path) -> dict[str, An
     await admin.execute(f'CREATE DATABASE "{database}"')
     manager = fleet = None
     try:
-        bench_db = await asyncpg.connect(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}")
+        bench_db = await asyncpg.connect(database_url)
         try:
             pg_stat = await check_pg_stat_statements(bench_db)
         finally:
             await bench_db.close()
+        if pg_stat == "loaded":
+            # The counts are read over the admin connection, whose database needs the view too.
+            await admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
 
         fleet_args = [
             sys.executable, str(BENCH_DIR / "fleet.py"),
@@ -173,7 +202,7 @@ async def run_workload(workload: str, size: Size, workdir: Path) -> dict[str, An
 
         env = {
             **os.environ,
-            "SANDBOX_BACKUP_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}",
+            "SANDBOX_BACKUP_DATABASE_URL": database_url,
             "SANDBOX_BACKUP_COORDINATION_URL": REDIS_URL,
             "SANDBOX_BACKUP_API_TOKEN": API_TOKEN,
             "SANDBOX_BACKUP_API_HOST": "127.0.0.1",
@@ -192,40 +221,32 @@ async def run_workload(workload: str, size: Size, workdir: Path) -> dict[str, An
         await wait_healthy(manager_url, manager, 60.0)
 
         headers = {"Authorization": f"Bearer {API_TOKEN}"}
-        async with httpx.AsyncClient(base_url=f"{manager_url}/api/v1", headers=headers, timeout=30.0) as http:
+        async with httpx.AsyncClient(base_url=f"{manager_url}/api/v1", headers=headers, timeout=60.0) as http:
             # A fleet port that only counts connections, so any registry call by the manager shows up.
-            registry = {"url": f"http://127.0.0.1:{ready['registryPort']}", "isDefault": True}
-            await put_all(http, [("/registries/bench-registry", registry)], 1)
+            registry_url = f"http://127.0.0.1:{ready['registryPort']}"
+            await put_all(http, [("/registries/bench-registry", {"url": registry_url, "isDefault": True})], 1)
             runner_puts = [(f"/runners/{r['id']}", {"apiUrl": r["url"], "token": r["token"]}) for r in ready["runners"]]
             await put_all(http, runner_puts, 8)
 
-            # Idle SQL rate: the manager with runners and no sandboxes.
-            idle_start_count, idle_start = read_count(sql_count_path), time.monotonic()
-            await asyncio.sleep(size.idle_s)
-            idle_rate = (read_count(sql_count_path) - idle_start_count) / (time.monotonic() - idle_start)
+            # Idle rates: the manager with its runners and no sandboxes.
+            idle = await measure(manager.pid, sql_count_path, admin, database, pg_stat, size.idle_s)
 
-            sql_before = read_count(sql_count_path)
-            pg_before = await pg_statement_count(admin, database) if pg_stat == "loaded" else None
-            cpu_before = cpu_seconds(manager.pid)
-            fleet_cpu_before = cpu_seconds(fleet.pid)
-            sandbox_puts = []
-            for runner_index, runner in enumerate(ready["runners"]):
-                for j in range(size.sandboxes_per_runner):
-                    body = {"state": sandbox_state, "runnerId": runner["id"], "organizationId": "bench-org"}
-                    sandbox_puts.append((f"/sandboxes/bench-sb-{runner_index:03d}-{j:03d}", body))
-            put_started = time.time()
-            await put_all(http, sandbox_puts, 8)
-            t0 = time.time()
+            before = await snapshot(manager.pid, fleet.pid, sql_count_path, admin, database, pg_stat)
+            runner_of = {
+                fleet_names.sandbox_id(r, j): ready["runners"][r]["id"] for r in range(size.runners) for j in range(size.sandboxes_per_runner)
+            }
+            sandbox_ids = list(runner_of)
+            if workload == "w2":
+                t0 = await seed_backed_up(database_url, sandbox_ids, runner_of, registry_url)
+            else:
+                await register_sandboxes(http, sandbox_ids, runner_of, sandbox_state, register)
+                t0 = time.time()
+            at_t0 = await snapshot(manager.pid, fleet.pid, sql_count_path, admin, database, pg_stat)
 
-        completed_at = await wait_completed(admin, database, total, size.timeout_s)
+        completed_at = await wait_completed(database_url, total, size.timeout_s)
         t_end = time.time()
-        cpu_used = cpu_seconds(manager.pid) - cpu_before
-        fleet_cpu_used = cpu_seconds(fleet.pid) - fleet_cpu_before
+        after = await snapshot(manager.pid, fleet.pid, sql_count_path, admin, database, pg_stat)
         rss = peak_rss_mib(manager.pid)
-        # CPU and SQL counts start before the first sandbox PUT, so idle time is subtracted from there too.
-        workload_s = t_end - put_started
-        sql_used = read_count(sql_count_path) - sql_before
-        pg_used = (await pg_statement_count(admin, database) - pg_before) if pg_before is not None else None
     finally:
         for process in (manager, fleet):
             if process is not None and process.poll() is None:
@@ -253,44 +274,125 @@ async def run_workload(workload: str, size: Size, workdir: Path) -> dict[str, An
     d10, d90 = percentile(dispatch, 0.10), percentile(dispatch, 0.90)
     rate = (0.8 * len(dispatch)) / (d90 - d10) if d90 > d10 else float("nan")
 
+    def per_backup(key: str, start: dict[str, float], idle_key: str) -> float | None:
+        if start.get(key) is None or after.get(key) is None:
+            return None
+        return (after[key] - start[key] - idle[idle_key] * (after["t"] - start["t"])) / total
+
     return {
         "workload": workload,
+        "register": "one transaction in the database" if workload == "w2" else f"API, {register}",
         "sandboxes": total,
         "runners": size.runners,
         "completed": len(completed_at),
-        "putSeconds": t0 - put_started,
+        "registerSeconds": t0 - before["t"],
         "makespan": max(completed_at.values()) - t0,
-        "makespanFromFirstPut": max(completed_at.values()) - put_started,
+        "makespanFromFirstCall": max(completed_at.values()) - before["t"],
         "startedBeforeT0": sum(1 for latency in dispatch if latency < 0),
+        "withinDueInterval": sum(1 for latency in dispatch if latency <= size.due_interval_s),
         "dispatch": dispatch,
         "seenAfterEnd": seen_after_end,
         "rate": rate,
         "maxInFlight": max_in_flight(events),
-        "sqlPerBackup": (sql_used - idle_rate * workload_s) / total,
-        "sqlIdleRate": idle_rate,
+        "sqlPerBackup": per_backup("sql", before, "sql"),
+        "sqlPerBackupFromT0": per_backup("sql", at_t0, "sql"),
+        "pgPerBackup": per_backup("pg", before, "pg"),
+        "pgPerBackupNoTx": per_backup("pgNoTx", before, "pgNoTx"),
+        "pgPerBackupFromT0": per_backup("pg", at_t0, "pg"),
+        "idle": idle,
         "pgStat": pg_stat,
-        "pgPerBackup": None if pg_used is None else pg_used / total,
-        "cpu": cpu_used,
-        "fleetCpu": fleet_cpu_used,
+        "cpu": after["cpu"] - before["cpu"],
+        "cpuFromT0": after["cpu"] - at_t0["cpu"],
+        "runSeconds": t_end - before["t"],
+        "fleetCpu": after["fleetCpu"] - before["fleetCpu"],
         "rss": rss,
         "registryConnections": registry_connections,
         "attempts": len(starts),
     }
 
 
-async def wait_completed(admin: asyncpg.Connection, database: str, total: int, timeout_s: float) -> dict[str, float]:
-    """Poll the benchmark database until `total` backups are COMPLETED; return completed_at by image ref."""
-    conn = await asyncpg.connect(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}")
+async def snapshot(manager_pid: int, fleet_pid: int, sql_count_path: Path, admin: asyncpg.Connection, database: str, pg_stat: str) -> dict[str, Any]:
+    """Read every counter at one moment: time, CPU of both processes, statements both ways."""
+    pg, pg_no_tx = await pg_statement_count(admin, database) if pg_stat == "loaded" else (None, None)
+    return {
+        "t": time.time(),
+        "cpu": cpu_seconds(manager_pid),
+        "fleetCpu": cpu_seconds(fleet_pid),
+        "sql": read_count(sql_count_path),
+        "pg": pg,
+        "pgNoTx": pg_no_tx,
+    }
+
+
+async def measure(manager_pid: int, sql_count_path: Path, admin: asyncpg.Connection, database: str, pg_stat: str, seconds: float) -> dict[str, float]:
+    """Return the manager's idle rates per second: statements (both counts) and CPU."""
+    start = await snapshot(manager_pid, manager_pid, sql_count_path, admin, database, pg_stat)
+    await asyncio.sleep(seconds)
+    end = await snapshot(manager_pid, manager_pid, sql_count_path, admin, database, pg_stat)
+    elapsed = end["t"] - start["t"]
+    rates = {"cpu": (end["cpu"] - start["cpu"]) / elapsed, "sql": (end["sql"] - start["sql"]) / elapsed}
+    for key in ("pg", "pgNoTx"):
+        rates[key] = (end[key] - start[key]) / elapsed if start[key] is not None else 0.0
+    return rates
+
+
+async def register_sandboxes(http: httpx.AsyncClient, sandbox_ids: list[str], runner_of: dict[str, str], state: str, register: str) -> None:
+    """Make the sandboxes known through the API, in batches of 1000 or one PUT each."""
+    def body(sandbox_id: str) -> dict[str, Any]:
+        return {"state": state, "runnerId": runner_of[sandbox_id], "organizationId": "bench-org"}
+
+    if register == "single":
+        await put_all(http, [(f"/sandboxes/{sandbox_id}", body(sandbox_id)) for sandbox_id in sandbox_ids], 8)
+        return
+    for start in range(0, len(sandbox_ids), 1000):
+        chunk = [{"id": sandbox_id, **body(sandbox_id)} for sandbox_id in sandbox_ids[start : start + 1000]]
+        response = await http.post("/sandboxes/batch", json={"sandboxes": chunk})
+        if response.status_code >= 300:
+            raise RuntimeError(f"POST /sandboxes/batch failed with status {response.status_code}: {response.text}")
+
+
+async def seed_backed_up(database_url: str, sandbox_ids: list[str], runner_of: dict[str, str], registry_url: str) -> float:
+    """Write running sandboxes whose last backup COMPLETED 2 h ago, in one transaction; return its commit time."""
+    host = registry_url.removeprefix("http://")
+    conn = await asyncpg.connect(database_url)
+    try:
+        two_hours_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2)
+        backup_ids = {sandbox_id: str(uuid.uuid4()) for sandbox_id in sandbox_ids}
+        async with conn.transaction():
+            await conn.executemany(
+                f"INSERT {BENCH_QUERY_MARK} INTO sandboxes (id, organization_id, runner_id, state, state_changed_at, backup_state, current_backup_id,"
+                " backup_registry_id, last_backup_at, last_backup_started_at, last_attempt_ended_at, ephemeral, created_at, updated_at, version)"
+                " VALUES ($1, 'bench-org', $2, 'STARTED', $3, 'COMPLETED', $4, 'bench-registry', $3, $3, $3, false, $3, $3, 1)",
+                [(sandbox_id, runner_of[sandbox_id], two_hours_ago, backup_ids[sandbox_id]) for sandbox_id in sandbox_ids],
+            )
+            await conn.executemany(
+                f"INSERT {BENCH_QUERY_MARK} INTO backups (id, sandbox_id, runner_id, registry_id, image_ref, trigger, state, attempt, next_attempt_at,"
+                " manifest_digest, created_at, started_at, completed_at, updated_at, version)"
+                " VALUES ($1, $2, $3, 'bench-registry', $4, 'SCHEDULE', 'COMPLETED', 1, $5, $6, $5, $5, $5, $5, 1)",
+                [
+                    (backup_ids[sandbox_id], sandbox_id, runner_of[sandbox_id], f"{host}/backup-{sandbox_id}:{SEED_TAG}", two_hours_ago, "sha256:" + "0" * 64)
+                    for sandbox_id in sandbox_ids
+                ],
+            )
+        return time.time()
+    finally:
+        await conn.close()
+
+
+async def wait_completed(database_url: str, total: int, timeout_s: float) -> dict[str, float]:
+    """Poll the benchmark database until `total` new backups are COMPLETED; return completed_at by image ref."""
+    conn = await asyncpg.connect(database_url)
+    new_completed = f"FROM backups WHERE state = 'COMPLETED' AND image_ref NOT LIKE '%:{SEED_TAG}'"
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            done = await conn.fetchval("SELECT count(*) FROM backups WHERE state = 'COMPLETED'")
+            done = await conn.fetchval(f"SELECT {BENCH_QUERY_MARK} count(*) {new_completed}")
             if done >= total:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out after {timeout_s:.0f} s with {done} of {total} backups COMPLETED")
             await asyncio.sleep(0.5)
-        rows = await conn.fetch("SELECT image_ref, completed_at FROM backups WHERE state = 'COMPLETED'")
+        rows = await conn.fetch(f"SELECT {BENCH_QUERY_MARK} image_ref, completed_at {new_completed}")
     finally:
         await conn.close()
     return {row["image_ref"]: row["completed_at"].timestamp() for row in rows}
@@ -306,45 +408,59 @@ def max_in_flight(events: list[dict[str, Any]]) -> int:
     return peak
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def print_table(results: list[dict[str, Any]], size: Size) -> None:
     rows = [
+        ("sandboxes made known", lambda r: r["register"]),
         ("sandboxes COMPLETED", lambda r: f"{r['completed']} of {r['sandboxes']}"),
         ("runner backups started", lambda r: str(r["attempts"])),
-        ("sandbox PUTs (s before t0)", lambda r: f"{r['putSeconds']:.1f}"),
+        ("making them known (s before t0)", lambda r: f"{r['registerSeconds']:.1f}"),
         ("makespan from t0 (s)", lambda r: f"{r['makespan']:.1f}"),
-        ("makespan from first sandbox PUT (s)", lambda r: f"{r['makespanFromFirstPut']:.1f}"),
+        ("makespan from the first call (s)", lambda r: f"{r['makespanFromFirstCall']:.1f}"),
         ("backups started before t0", lambda r: str(r["startedBeforeT0"])),
+        (f"dispatched within one due-check interval ({size.due_interval_s:.0f} s)", lambda r: str(r["withinDueInterval"])),
         ("dispatch latency p50/p90/p99/max (s)", lambda r: "/".join(f"{percentile(r['dispatch'], q):.1f}" for q in (0.5, 0.9, 0.99, 1.0))),
         ("completion seen after runner end p50/p99/max (s)", lambda r: "/".join(f"{percentile(r['seenAfterEnd'], q):.2f}" for q in (0.5, 0.99, 1.0))),
         ("steady dispatch rate (backups/s, p10-p90)", lambda r: f"{r['rate']:.1f}"),
         ("max in flight on one runner", lambda r: str(r["maxInFlight"])),
-        ("SQL statements per backup, pg_stat_statements", lambda r: "n/a" if r["pgPerBackup"] is None else f"{r['pgPerBackup']:.1f}"),
-        ("SQL statements per backup incl. its PUT, manager-side", lambda r: f"{r['sqlPerBackup']:.1f} (idle {r['sqlIdleRate']:.1f}/s)"),
-        ("manager CPU from first sandbox PUT to end (s)", lambda r: f"{r['cpu']:.1f}"),
-        ("fleet CPU from first sandbox PUT to end (s)", lambda r: f"{r['fleetCpu']:.1f}"),
+        ("SQL per backup above idle, pg_stat_statements", lambda r: _fmt(r["pgPerBackup"])),
+        ("  same without BEGIN/COMMIT", lambda r: _fmt(r["pgPerBackupNoTx"])),
+        ("  same counted from t0 only", lambda r: _fmt(r["pgPerBackupFromT0"])),
+        ("SQL per backup above idle, manager-side count", lambda r: _fmt(r["sqlPerBackup"])),
+        ("idle statements/s, pg_stat_statements", lambda r: _fmt(r["idle"]["pg"])),
+        ("idle statements/s, manager-side count", lambda r: _fmt(r["idle"]["sql"])),
+        ("manager idle CPU (% of a core)", lambda r: f"{100 * r['idle']['cpu']:.1f}"),
+        ("manager CPU from the first call to end (s)", lambda r: f"{r['cpu']:.1f}"),
+        ("manager CPU average (cores)", lambda r: f"{r['cpu'] / r['runSeconds']:.2f}"),
+        ("fleet CPU from the first call to end (s)", lambda r: f"{r['fleetCpu']:.1f}"),
         ("manager peak RSS (MiB)", lambda r: f"{r['rss']:.0f}"),
         ("registry connections", lambda r: str(r["registryConnections"])),
     ]
     width = max(len(name) for name, _ in rows)
-    header = f"{'metric':<{width}} | " + " | ".join(f"{r['workload']:>22}" for r in results)
+    header = f"{'metric':<{width}} | " + " | ".join(f"{r['workload']:>26}" for r in results)
     print(header)
     print("-" * len(header))
     for name, cell in rows:
-        print(f"{name:<{width}} | " + " | ".join(f"{cell(r):>22}" for r in results))
+        print(f"{name:<{width}} | " + " | ".join(f"{cell(r):>26}" for r in results))
     for r in results:
         print(f"pg_stat_statements ({r['workload']}): {r['pgStat']}")
-    print("t0 = the moment the last sandbox PUT returned (sandboxes created through the REST API, 8 at a time).")
+    print("t0: w1/w2b the last registration call returned; w2 the seeding transaction committed.")
 
 
 def main() -> None:
+    global PG_ADMIN_URL
     parser = argparse.ArgumentParser(description="Run the backup-dispatch benchmark against a simulated fleet.")
     parser.add_argument("--small", action="store_true", help="5 runners x 4 sandboxes, 0.2 s backups (for CI)")
-    parser.add_argument("--workload", choices=("w1", "w2b", "both"), default="both", help="workload to run")
+    parser.add_argument("--workload", choices=("w1", "w2", "w2b", "all"), default="all", help="workload to run")
+    parser.add_argument("--register", choices=("batch", "single"), default="batch", help="how w1 and w2b make sandboxes known")
     parser.add_argument("--keep", metavar="DIR", help="write the fleet event logs and manager logs to DIR and keep them")
     args = parser.parse_args()
 
     size = SMALL if args.small else FULL
-    workloads = ["w1", "w2b"] if args.workload == "both" else [args.workload]
+    workloads = ["w1", "w2b", "w2"] if args.workload == "all" else [args.workload]
     overrides = ", ".join(f"{name}={value}" for name, value in size.manager_env.items()) or "none"
     print(f"runners {size.runners} x sandboxes {size.sandboxes_per_runner}, backups {size.duration_s} s, no failures")
     print(f"manager settings other than the defaults: {overrides}")
@@ -352,8 +468,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sandbox-backup-bench-") as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        results = [asyncio.run(run_workload(w, size, workdir)) for w in workloads]
-    print_table(results)
+        server = None
+        if os.environ.get("BENCH_PG_URL"):
+            PG_ADMIN_URL = os.environ["BENCH_PG_URL"]
+        else:
+            server = PrivatePostgres(free_port())
+            server.start()
+            PG_ADMIN_URL = server.url
+            print(f"PostgreSQL: a private server on 127.0.0.1:{server.port} with pg_stat_statements")
+        try:
+            results = [asyncio.run(run_workload(w, size, workdir, args.register)) for w in workloads]
+        finally:
+            if server is not None:
+                server.stop()
+    print_table(results, size)
     incomplete = [r["workload"] for r in results if r["completed"] != r["sandboxes"]]
     if incomplete:
         print(f"not every backup COMPLETED in: {', '.join(incomplete)}", file=sys.stderr)

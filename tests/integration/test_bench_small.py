@@ -11,8 +11,8 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def test_bench_small_completes_every_backup() -> None:
-    env = dict(os.environ)
-    env["BENCH_PG_URL"] = os.environ.get("SANDBOX_BACKUP_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    # Without BENCH_PG_URL the script starts its own PostgreSQL with pg_stat_statements, as a full run does.
+    env = {name: value for name, value in os.environ.items() if name != "BENCH_PG_URL"}
     env["BENCH_REDIS_URL"] = os.environ.get("SANDBOX_BACKUP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
     result = subprocess.run(
@@ -28,10 +28,12 @@ def test_bench_small_completes_every_backup() -> None:
     assert result.returncode == 0, output
     assert "makespan from t0 (s)" in result.stdout, output
     assert "dispatch latency p50/p90/p99/max (s)" in result.stdout, output
-    # 5 runners x 4 sandboxes, for both workloads.
+    # 5 runners x 4 sandboxes, for each of the three workloads.
     completed_row = next(line for line in result.stdout.splitlines() if line.startswith("sandboxes COMPLETED"))
-    assert completed_row.count("20 of 20") == 2, output
+    assert completed_row.count("20 of 20") == 3, output
+    pg_row = next(line for line in result.stdout.splitlines() if line.startswith("SQL per backup above idle, pg_stat_statements"))
+    assert "n/a" not in pg_row, output
     registry_row = next(line for line in result.stdout.splitlines() if line.startswith("registry connections"))
     # The fleet reports the digest, so the manager never needs the registry.
-    assert [cell.strip() for cell in registry_row.split("|")[1:]] == ["0", "0"], output
+    assert [cell.strip() for cell in registry_row.split("|")[1:]] == ["0", "0", "0"], output
     assert "every backup COMPLETED" in result.stdout, output

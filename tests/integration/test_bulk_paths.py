@@ -6,6 +6,8 @@ sandbox version read before a write, and the per-runner cap.
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import sqlalchemy as sa
 
@@ -26,7 +28,9 @@ def _item(sandbox_id: str, state: str = "STARTED", runner_id: str = "r1", **extr
     return {"id": sandbox_id, "state": state, "runnerId": runner_id, "organizationId": "org-1", **extra}
 
 
-async def test_batch_records_sandboxes_and_queues_due_backups(manager: BackupManager, api: httpx.AsyncClient) -> None:
+async def test_batch_records_sandboxes_and_queues_due_backups(manager: BackupManager, api: httpx.AsyncClient, caplog) -> None:  # type: ignore[no-untyped-def]
+    # INFO records are built, so a log field that clashes with a LogRecord attribute fails here.
+    caplog.set_level(logging.INFO)
     await add_runner(manager, "r1")
     await add_registry(manager)
 
@@ -35,6 +39,7 @@ async def test_batch_records_sandboxes_and_queues_due_backups(manager: BackupMan
 
     assert response.status_code == 200, response.text
     assert response.json() == {"recorded": 4, "created": 4, "backupsQueued": 2}
+    assert [r.sandboxes_recorded for r in caplog.records if getattr(r, "action", None) == "sandboxes_upserted"] == [4]
     pending = {b.sandbox_id: b for b in await _rows(manager, Backup, state=BackupState.PENDING)}
     assert set(pending) == {"sb-run", "sb-stop"}
     assert pending["sb-run"].trigger == BackupTrigger.SCHEDULE

@@ -56,7 +56,7 @@ async def upsert_sandboxes(ctx: ManagerContext, items: Sequence[tuple[str, Sandb
     changed = [(sandbox_id, fields.state) for sandbox_id, fields in items if sandbox_id not in known or known[sandbox_id].state != fields.state]
     logger.info(
         "sandboxes recorded",
-        extra={"action": "sandboxes_upserted", "recorded": len(items), "created": len(new), "state_changes": len(changed)},
+        extra={"action": "sandboxes_upserted", "sandboxes_recorded": len(items), "sandboxes_created": len(new), "state_changes": len(changed)},
     )
 
     for sandbox_id, state in changed:
