@@ -21,7 +21,7 @@ def test_bench_small_completes_every_backup() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
     )
     output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
