@@ -332,7 +332,7 @@ async def wait_for_report(bench: Bench, reference: str, started: float) -> None:
         if reports:
             report = reports[-1]
             if report["state"] != RunnerBackupState.COMPLETED.value:
-                raise RuntimeError(f"agent backup to {reference} ended {report['state']}: {report.get('error')}")
+                raise RuntimeError(f"agent backup to {reference} failed with state {report['state']}: {report.get('error')}")
             return
         if time.monotonic() - started > bench.timeout_s:
             raise RuntimeError(f"agent backup to {reference} sent no report within {bench.timeout_s:.0f} s")

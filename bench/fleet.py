@@ -81,6 +81,8 @@ class FleetConfig:
     duration_min_s: float
     duration_max_s: float
     failure_rate: float
+    # When set, a sandbox fails at most once: its retry and every later backup succeed.
+    fail_once: bool
     manager_url: str
     events_path: str
     max_seconds: float
@@ -130,7 +132,8 @@ class SimulatedRunner:
     async def _run_backup(self, sandbox: str, record: BackupRecord) -> None:
         config = self.fleet.config
         await asyncio.sleep(self.fleet.random.uniform(config.duration_min_s, config.duration_max_s))
-        if self.fleet.random.random() < config.failure_rate:
+        if self.fleet.random.random() < config.failure_rate and not (config.fail_once and sandbox in self.fleet.failed):
+            self.fleet.failed.add(sandbox)
             record.state = "FAILED"
             record.error = "simulated transient failure: registry push interrupted"
             record.recoverable = True
@@ -149,6 +152,7 @@ class Fleet:
         self.random = random.Random(config.seed)
         self.runners = [SimulatedRunner(i, self) for i in range(config.runners)]
         self.registry_connections = 0
+        self.failed: set[str] = set()
         self.registry_port = 0
         self.reports_failed = 0
         self._events = open(config.events_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -329,6 +333,7 @@ def parse_args(argv: list[str] | None = None) -> FleetConfig:
     parser.add_argument("--duration", type=float, default=2.0, help="backup duration in seconds (the minimum when --duration-max is set)")
     parser.add_argument("--duration-max", type=float, default=None, help="maximum backup duration in seconds (durations are then uniform in [--duration, --duration-max])")
     parser.add_argument("--failure-rate", type=float, default=0.0, help="fraction of backups that end FAILED (recoverable), 0 to 1")
+    parser.add_argument("--fail-once", action="store_true", help="let each sandbox fail at most once")
     parser.add_argument("--manager-url", required=True, help="base URL of the manager, for reports")
     parser.add_argument("--events", required=True, help="JSON-lines file that receives every backup start and end")
     parser.add_argument("--max-seconds", type=float, default=1800.0, help="the fleet exits after this many seconds at the latest")
@@ -346,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> FleetConfig:
         duration_min_s=args.duration,
         duration_max_s=duration_max,
         failure_rate=args.failure_rate,
+        fail_once=args.fail_once,
         manager_url=args.manager_url,
         events_path=args.events,
         max_seconds=args.max_seconds,

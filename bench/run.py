@@ -64,6 +64,8 @@ class Size:
     timeout_s: float
     idle_s: float
     due_interval_s: float
+    duration_max_s: float | None = None
+    failure_rate: float = 0.0
     # Manager settings that differ from its defaults, as SANDBOX_BACKUP_* variables.
     manager_env: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -79,7 +81,16 @@ SMALL = Size(
     due_interval_s=5.0,
     manager_env={"SANDBOX_BACKUP_DUE_CHECK_INTERVAL_S": "5"},
 )
-WORKLOAD_STATES = {"w1": ("STOPPED", "stopped"), "w2b": ("STARTED", "started"), "w2": ("STARTED", "started")}
+# Scale: 1000 runners x 100 sandboxes, 30 to 120 s backups, 1 % of sandboxes failing once.
+W3 = Size(runners=1000, sandboxes_per_runner=100, duration_s=30.0, duration_max_s=120.0, failure_rate=0.01, timeout_s=3600.0, idle_s=10.0, due_interval_s=60.0)
+W3_SMALL = Size(runners=10, sandboxes_per_runner=10, duration_s=0.2, duration_max_s=0.6, failure_rate=0.1, timeout_s=90.0, idle_s=2.0, due_interval_s=5.0)
+WORKLOAD_STATES = {"w1": ("STOPPED", "stopped"), "w2b": ("STARTED", "started"), "w2": ("STARTED", "started"), "w3": ("MIXED", "started")}
+
+
+def w3_state(sandbox_index: int) -> str:
+    """70 % running, 25 % stopped, 5 % archiving, by the sandbox's index on its runner."""
+    slot = sandbox_index % 20
+    return "STARTED" if slot < 14 else "STOPPED" if slot < 19 else "ARCHIVING"
 SEED_TAG = "seed"
 
 
@@ -192,6 +203,9 @@ async def run_workload(workload: str, size: Size, workdir: Path, register: str) 
             "--sandboxes-per-runner", str(size.sandboxes_per_runner),
             "--container-state", container_state,
             "--duration", str(size.duration_s),
+            "--duration-max", str(size.duration_max_s or size.duration_s),
+            "--failure-rate", str(size.failure_rate),
+            "--fail-once",
             "--manager-url", manager_url,
             "--events", str(events_path),
             "--max-seconds", str(size.timeout_s + 120),
@@ -239,12 +253,14 @@ async def run_workload(workload: str, size: Size, workdir: Path, register: str) 
             if workload == "w2":
                 t0 = await seed_backed_up(database_url, sandbox_ids, runner_of, registry_url)
             else:
-                await register_sandboxes(http, sandbox_ids, runner_of, sandbox_state, register)
+                states = {sandbox_id: w3_state(int(sandbox_id.rsplit("-", 1)[1])) if workload == "w3" else sandbox_state for sandbox_id in sandbox_ids}
+                await register_sandboxes(http, sandbox_ids, runner_of, states, register)
                 t0 = time.time()
             at_t0 = await snapshot(manager.pid, fleet.pid, sql_count_path, admin, database, pg_stat)
 
         completed_at = await wait_completed(database_url, total, size.timeout_s)
         t_end = time.time()
+        backed_up_twice, attempts_by_state = await audit(database_url)
         after = await snapshot(manager.pid, fleet.pid, sql_count_path, admin, database, pg_stat)
         rss = peak_rss_mib(manager.pid)
     finally:
@@ -308,7 +324,23 @@ async def run_workload(workload: str, size: Size, workdir: Path, register: str) 
         "rss": rss,
         "registryConnections": registry_connections,
         "attempts": len(starts),
+        "backedUpTwice": backed_up_twice,
+        "attemptsByState": attempts_by_state,
     }
+
+
+async def audit(database_url: str) -> tuple[int, dict[str, int]]:
+    """Return how many sandboxes have more than one new COMPLETED backup, and the attempts by state."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        twice = await conn.fetchval(
+            f"SELECT {BENCH_QUERY_MARK} count(*) FROM (SELECT sandbox_id FROM backups WHERE state = 'COMPLETED'"
+            f" AND image_ref NOT LIKE '%:{SEED_TAG}' GROUP BY sandbox_id HAVING count(*) > 1) doubles"
+        )
+        rows = await conn.fetch(f"SELECT {BENCH_QUERY_MARK} state, count(*) AS n FROM backups WHERE image_ref NOT LIKE '%:{SEED_TAG}' GROUP BY state")
+    finally:
+        await conn.close()
+    return int(twice), {row["state"]: int(row["n"]) for row in rows}
 
 
 async def snapshot(manager_pid: int, fleet_pid: int, sql_count_path: Path, admin: asyncpg.Connection, database: str, pg_stat: str) -> dict[str, Any]:
@@ -336,10 +368,10 @@ async def measure(manager_pid: int, sql_count_path: Path, admin: asyncpg.Connect
     return rates
 
 
-async def register_sandboxes(http: httpx.AsyncClient, sandbox_ids: list[str], runner_of: dict[str, str], state: str, register: str) -> None:
+async def register_sandboxes(http: httpx.AsyncClient, sandbox_ids: list[str], runner_of: dict[str, str], states: dict[str, str], register: str) -> None:
     """Make the sandboxes known through the API, in batches of 1000 or one PUT each."""
     def body(sandbox_id: str) -> dict[str, Any]:
-        return {"state": state, "runnerId": runner_of[sandbox_id], "organizationId": "bench-org"}
+        return {"state": states[sandbox_id], "runnerId": runner_of[sandbox_id], "organizationId": "bench-org"}
 
     if register == "single":
         await put_all(http, [(f"/sandboxes/{sandbox_id}", body(sandbox_id)) for sandbox_id in sandbox_ids], 8)
@@ -391,7 +423,7 @@ async def wait_completed(database_url: str, total: int, timeout_s: float) -> dic
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out after {timeout_s:.0f} s with {done} of {total} backups COMPLETED")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5 if total <= 10_000 else 2.0)
         rows = await conn.fetch(f"SELECT {BENCH_QUERY_MARK} image_ref, completed_at {new_completed}")
     finally:
         await conn.close()
@@ -438,6 +470,8 @@ def print_table(results: list[dict[str, Any]], size: Size) -> None:
         ("fleet CPU from the first call to end (s)", lambda r: f"{r['fleetCpu']:.1f}"),
         ("manager peak RSS (MiB)", lambda r: f"{r['rss']:.0f}"),
         ("registry connections", lambda r: str(r["registryConnections"])),
+        ("sandboxes with two new COMPLETED backups", lambda r: str(r["backedUpTwice"])),
+        ("attempts by end state", lambda r: " ".join(f"{k}={v}" for k, v in sorted(r["attemptsByState"].items()))),
     ]
     width = max(len(name) for name, _ in rows)
     header = f"{'metric':<{width}} | " + " | ".join(f"{r['workload']:>26}" for r in results)
@@ -450,20 +484,30 @@ def print_table(results: list[dict[str, Any]], size: Size) -> None:
     print("t0: w1/w2b the last registration call returned; w2 the seeding transaction committed.")
 
 
+def size_for(workload: str, small: bool) -> Size:
+    if workload == "w3":
+        return W3_SMALL if small else W3
+    return SMALL if small else FULL
+
+
 def main() -> None:
     global PG_ADMIN_URL
     parser = argparse.ArgumentParser(description="Run the backup-dispatch benchmark against a simulated fleet.")
     parser.add_argument("--small", action="store_true", help="5 runners x 4 sandboxes, 0.2 s backups (for CI)")
-    parser.add_argument("--workload", choices=("w1", "w2", "w2b", "all"), default="all", help="workload to run")
+    parser.add_argument("--workload", choices=("w1", "w2", "w2b", "w3", "all"), default="all", help="workload to run (all = w1, w2b, w2)")
     parser.add_argument("--register", choices=("batch", "single"), default="batch", help="how w1 and w2b make sandboxes known")
     parser.add_argument("--keep", metavar="DIR", help="write the fleet event logs and manager logs to DIR and keep them")
     args = parser.parse_args()
 
-    size = SMALL if args.small else FULL
     workloads = ["w1", "w2b", "w2"] if args.workload == "all" else [args.workload]
-    overrides = ", ".join(f"{name}={value}" for name, value in size.manager_env.items()) or "none"
-    print(f"runners {size.runners} x sandboxes {size.sandboxes_per_runner}, backups {size.duration_s} s, no failures")
-    print(f"manager settings other than the defaults: {overrides}")
+    for workload in workloads:
+        size = size_for(workload, args.small)
+        durations = f"{size.duration_s}" if size.duration_max_s is None else f"{size.duration_s} to {size.duration_max_s}"
+        overrides = ", ".join(f"{name}={value}" for name, value in size.manager_env.items()) or "none"
+        print(
+            f"{workload}: runners {size.runners} x sandboxes {size.sandboxes_per_runner}, backups {durations} s, "
+            f"failing once: {size.failure_rate:.0%} of sandboxes; manager settings other than the defaults: {overrides}"
+        )
 
     with tempfile.TemporaryDirectory(prefix="sandbox-backup-bench-") as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)
@@ -477,11 +521,11 @@ def main() -> None:
             PG_ADMIN_URL = server.url
             print(f"PostgreSQL: a private server on 127.0.0.1:{server.port} with pg_stat_statements")
         try:
-            results = [asyncio.run(run_workload(w, size, workdir, args.register)) for w in workloads]
+            results = [asyncio.run(run_workload(w, size_for(w, args.small), workdir, args.register)) for w in workloads]
         finally:
             if server is not None:
                 server.stop()
-    print_table(results, size)
+    print_table(results, size_for(workloads[0], args.small))
     incomplete = [r["workload"] for r in results if r["completed"] != r["sandboxes"]]
     if incomplete:
         print(f"not every backup COMPLETED in: {', '.join(incomplete)}", file=sys.stderr)

@@ -43,13 +43,16 @@ def test_bench_datapath_small_prints_table() -> None:
         assert float(cells[3]) > 0, output
         assert cells[4] == "1", output
 
-    # Both sides pushed the same layers, so the registry held the same bytes after each run.
     # Each backup run line: side, seconds, commit s, push s, other s, registry blob bytes, manifest type.
     backup_runs = re.findall(
         r"^  (agent|raw) +[\d.]+ +[\d.]+ +[\d.]+ +-?[\d.]+ +(\d+) ", result.stdout, re.MULTILINE
     )
     assert sorted(side for side, _ in backup_runs) == ["agent", "raw"], output
-    assert len({size for _, size in backup_runs}) == 1, output
+
+    # Both sides pushed the same layers. The sizes may still differ by a few bytes, because
+    # the image config and manifest contain the commit time, whose text length varies.
+    sizes = [int(size) for _, size in backup_runs]
+    assert max(sizes) - min(sizes) <= 1024, output
 
     # The script deletes its work directory, which contains the Podman storage and the registry.
     workdir = re.search(r"work directory (\S+)", result.stderr)
