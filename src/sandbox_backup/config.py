@@ -30,6 +30,10 @@ class Settings(pydantic_settings.BaseSettings):
     # Storage and coordination.
     data_dir: pathlib.Path = pydantic.Field(pathlib.Path("data"), description="Folder for the SQLite file and local state.")
     database_url: str | None = pydantic.Field(None, description="SQLAlchemy URL; empty means SQLite in data_dir. postgresql:// URLs use asyncpg.")
+    database_pre_ping: bool = pydantic.Field(
+        False,
+        description="Test a pooled PostgreSQL connection with a round trip before each transaction. Off, a server restart fails one operation and the pool is then replaced.",
+    )
     coordination_url: str | None = pydantic.Field(None, description="redis://... for locks shared by replicas; empty means in-process locks.")
 
     # REST API.

@@ -1,7 +1,8 @@
 """Attacks on restore, move off a draining runner, archive and drill.
 
 Runners and the registry are in-process fakes behind an httpx.MockTransport that replaces the
-manager's shared HTTP client, so no socket is opened. Backups are inserted as COMPLETED rows.
+manager's HTTP clients (the registry's and each runner's), so no socket is opened. Backups are
+inserted as COMPLETED rows.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ async def fleet(manager: BackupManager, monkeypatch: pytest.MonkeyPatch) -> Fake
     fake = FakeFleet()
     client = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle))
     monkeypatch.setattr(manager.ctx, "http", client)
+    monkeypatch.setattr(manager.ctx, "runner_http", lambda api_url: client)
     for runner_id, url in RUNNER_URLS.items():
         await add_runner(manager, runner_id, api_url=url)
     await add_registry(manager, url=REGISTRY_URL)

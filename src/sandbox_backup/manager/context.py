@@ -20,6 +20,11 @@ from sandbox_backup.store.models import Registry, Runner
 from sandbox_backup.store.transaction import Database
 
 
+# Connections kept per runner: a runner runs a handful of backups at once and answers a few
+# progress checks, so a small pool per runner is enough.
+RUNNER_POOL_CONNECTIONS = 16
+
+
 @dataclasses.dataclass
 class ManagerContext:
     settings: Settings
@@ -35,6 +40,8 @@ class ManagerContext:
     wake_restore: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     wake_archive: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     runner_calls: asyncio.Semaphore = dataclasses.field(init=False)
+    # One small connection pool per runner address (see runner_http).
+    _runner_pools: dict[str, httpx.AsyncClient] = dataclasses.field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.runner_calls = asyncio.Semaphore(self.settings.runner_call_concurrency)
@@ -55,9 +62,29 @@ class ManagerContext:
     def now(self) -> datetime.datetime:
         return self.clock.now()
 
-    def runner_client(self, runner: Runner) -> RunnerClient:
-        """Return a client for one runner over the shared connection pool; closing it leaves the pool open."""
-        return RunnerClient(runner.api_url, runner.token, runner_id=runner.id, timeout_s=self.settings.runner_timeout_s, http=self.http)
+    def runner_http(self, api_url: str) -> httpx.AsyncClient:
+        """Return the connection pool for one runner address, creating it on first use.
+
+        httpx scans every connection of a pool for each request, so one pool shared by a
+        thousand runners costs far more CPU per call than a small pool per runner.
+        """
+        pool = self._runner_pools.get(api_url)
+        if pool is None:
+            limit = min(self.settings.runner_call_concurrency, RUNNER_POOL_CONNECTIONS)
+            pool = httpx.AsyncClient(limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
+            self._runner_pools[api_url] = pool
+        return pool
+
+    def runner_client(self, runner: Runner, *, timeout_s: float | None = None) -> RunnerClient:
+        """Return a client for one runner over its connection pool; closing it leaves the pool open."""
+        timeout_s = self.settings.runner_timeout_s if timeout_s is None else timeout_s
+        return RunnerClient(runner.api_url, runner.token, runner_id=runner.id, timeout_s=timeout_s, http=self.runner_http(runner.api_url))
+
+    async def close_http(self) -> None:
+        """Close the registry client's pool and every runner pool."""
+        pools, self._runner_pools = list(self._runner_pools.values()), {}
+        for pool in [self.http, *pools]:
+            await pool.aclose()
 
     def registry_client(self, registry: Registry) -> RegistryClient:
         return RegistryClient(

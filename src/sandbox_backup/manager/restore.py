@@ -300,7 +300,7 @@ async def _create_on_runner(ctx: ManagerContext, restore: Restore, sandbox: Sand
         # A drill copy is thrown away: an agent that reports its containers marks it ephemeral.
         metadata={"sandbox-backup.ephemeral": "true"} if restore.purpose == RestorePurpose.DRILL.value else None,
     )
-    client = RunnerClient(runner.api_url, runner.token, runner_id=runner.id, timeout_s=ctx.settings.restore_timeout_s, http=ctx.http)
+    client = ctx.runner_client(runner, timeout_s=ctx.settings.restore_timeout_s)
     await client.create_sandbox(request)
     if restore.purpose == RestorePurpose.DRILL.value:
         await _finish_drill(ctx, client, restore)

@@ -133,7 +133,7 @@ class BackupManager:
 
     async def aclose(self) -> None:
         await self.stop()
-        await self.ctx.http.aclose()
+        await self.ctx.close_http()
         await self.ctx.coordinator.aclose()
         await self.ctx.db.dispose()
 
@@ -147,7 +147,7 @@ async def open_manager(
     metrics: ManagerMetrics | None = None,
 ) -> BackupManager:
     """Connect to the database (applying migrations) and the coordinator, and build a manager."""
-    engine = database.create_engine(settings.effective_database_url())
+    engine = database.create_engine(settings.effective_database_url(), pre_ping=settings.database_pre_ping)
     await database.migrate(engine)
     coordinator = coordinator or create_coordinator(settings.coordination_url)
     await coordinator.ping()

@@ -31,7 +31,7 @@ class _DropDebugRecords(logging.Filter):
 _DROP_DEBUG_RECORDS = _DropDebugRecords()
 
 
-def create_engine(url: str, *, echo: bool = False) -> sa_asyncio.AsyncEngine:
+def create_engine(url: str, *, echo: bool = False, pre_ping: bool = False) -> sa_asyncio.AsyncEngine:
     """Create the async engine; SQLite gets WAL, foreign keys and one serialised writer.
 
     SQL parameters are hidden in SQLAlchemy's logs and error messages, because they hold secrets.
@@ -41,7 +41,9 @@ def create_engine(url: str, *, echo: bool = False) -> sa_asyncio.AsyncEngine:
             logging.getLogger(name).addFilter(_DROP_DEBUG_RECORDS)
     if url.startswith("sqlite"):
         return _create_sqlite_engine(url, echo=echo)
-    return sa_asyncio.create_async_engine(url, echo=echo, hide_parameters=True, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    # Without pre_ping a connection broken by a server restart fails one operation; SQLAlchemy then
+    # replaces every pooled connection, and the next tick or request works.
+    return sa_asyncio.create_async_engine(url, echo=echo, hide_parameters=True, pool_size=10, max_overflow=10, pool_pre_ping=pre_ping)
 
 
 def _create_sqlite_engine(url: str, *, echo: bool) -> sa_asyncio.AsyncEngine:
