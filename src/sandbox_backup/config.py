@@ -56,6 +56,12 @@ class Settings(pydantic_settings.BaseSettings):
     max_concurrent_backups_per_runner: int = pydantic.Field(6, ge=1, le=1000, description="Default cap of attempts in flight on one runner; a runner's own setting wins.")
     runner_call_concurrency: int = pydantic.Field(64, ge=1, le=4096, description="HTTP calls to runners in flight at once from one manager.")
     progress_interval_s: float = pydantic.Field(10.0, ge=0.5, le=3600, description="How often IN_PROGRESS attempts are checked on their runner.")
+    progress_check_after_s: float = pydantic.Field(
+        120.0,
+        ge=0,
+        le=86400,
+        description="An IN_PROGRESS attempt is asked about on its runner only after nothing was heard of it for this long; runner reports end most attempts before.",
+    )
     progress_batch: int = pydantic.Field(500, ge=1, le=100_000, description="Attempts checked per progress pass.")
     attempt_deadline_s: float = pydantic.Field(7200.0, ge=60, le=7 * 86400, description="An attempt still IN_PROGRESS after this is failed as timed out.")
     unknown_attempt_grace_s: float = pydantic.Field(30.0, ge=0, le=3600, description="How long after dispatch a runner may still not know an attempt before it counts as lost.")

@@ -314,3 +314,23 @@ async def test_errored_sandboxes_do_not_starve_due_check(manager: BackupManager,
     # itself, so they cannot fill every batch and hide the sandbox behind them.
     assert await manager.check_running_due() == 1
     assert (await _sandbox(manager, "late")).backup_state == SandboxBackupState.PENDING
+
+
+async def test_progress_polls_only_quiet_attempts(manager_factory, clock) -> None:  # type: ignore[no-untyped-def]
+    manager = await manager_factory(progress_check_after_s=120.0)
+    await add_runner(manager, "r1")
+    await add_registry(manager)
+    await add_sandbox(manager, "sb-1", runner_id="r1")
+    await manager.check_running_due()
+    (claimed,) = await _claim_all(manager)
+    dispatched_at = clock.now()
+
+    # Heard of 60 s ago (the dispatch): the runner is not asked.
+    clock.advance(60)
+    await manager.sync_progress()
+    assert (await _backups(manager, "sb-1"))[0].checked_at == dispatched_at
+
+    # Quiet for longer than progress_check_after_s: the runner is asked (it does not answer here).
+    clock.advance(61)
+    await manager.sync_progress()
+    assert (await _backups(manager, "sb-1"))[0].checked_at == clock.now()

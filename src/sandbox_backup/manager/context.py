@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime
 import random
+import ssl
 
 import httpx
 
@@ -42,6 +43,7 @@ class ManagerContext:
     runner_calls: asyncio.Semaphore = dataclasses.field(init=False)
     # One small connection pool per runner address (see runner_http).
     _runner_pools: dict[str, httpx.AsyncClient] = dataclasses.field(init=False, default_factory=dict)
+    _tls: ssl.SSLContext | None = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.runner_calls = asyncio.Semaphore(self.settings.runner_call_concurrency)
@@ -71,7 +73,10 @@ class ManagerContext:
         pool = self._runner_pools.get(api_url)
         if pool is None:
             limit = min(self.settings.runner_call_concurrency, RUNNER_POOL_CONNECTIONS)
-            pool = httpx.AsyncClient(limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
+            # One TLS context for every pool: building one costs milliseconds of CPU each time.
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            pool = httpx.AsyncClient(verify=self._tls, limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
             self._runner_pools[api_url] = pool
         return pool
 

@@ -79,9 +79,15 @@ def _check_report(report: BackupReport) -> None:
 
 
 async def sync_progress(ctx: ManagerContext) -> int:
-    """Check IN_PROGRESS attempts on their runners; return how many ended."""
+    """Check IN_PROGRESS attempts on their runners; return how many ended.
+
+    Only attempts not heard of for `progress_check_after_s` are asked about: a runner reports
+    each end as it happens, so polling is the fallback for lost reports and restarted runners,
+    and a fleet with thousands of attempts in flight is not polled every few seconds.
+    """
+    quiet_since = ctx.now() - datetime.timedelta(seconds=ctx.settings.progress_check_after_s)
     async with ctx.db.transaction() as session:
-        batch = await backups.in_progress_batch(session, limit=ctx.settings.progress_batch)
+        batch = await backups.in_progress_batch(session, limit=ctx.settings.progress_batch, quiet_since=quiet_since)
     results = await asyncio.gather(*(_check(ctx, backup, runner) for backup, runner in batch))
     return sum(1 for ended in results if ended)
 

@@ -256,15 +256,12 @@ async def touch_checked(session: AsyncSession, backup_id: str, *, now: datetime.
     await session.execute(statement, execution_options={"synchronize_session": False})
 
 
-async def in_progress_batch(session: AsyncSession, *, limit: int) -> list[tuple[Backup, Runner | None]]:
-    """IN_PROGRESS attempts, least recently checked first."""
-    statement = (
-        sa.select(Backup, Runner)
-        .outerjoin(Runner, Runner.id == Backup.runner_id)
-        .where(Backup.state == BackupState.IN_PROGRESS)
-        .order_by(Backup.checked_at.asc().nulls_first(), Backup.id)
-        .limit(limit)
-    )
+async def in_progress_batch(session: AsyncSession, *, limit: int, quiet_since: datetime.datetime | None = None) -> list[tuple[Backup, Runner | None]]:
+    """IN_PROGRESS attempts, least recently checked first; with `quiet_since`, only those not checked since then."""
+    statement = sa.select(Backup, Runner).outerjoin(Runner, Runner.id == Backup.runner_id).where(Backup.state == BackupState.IN_PROGRESS)
+    if quiet_since is not None:
+        statement = statement.where(sa.or_(Backup.checked_at.is_(None), Backup.checked_at <= quiet_since))
+    statement = statement.order_by(Backup.checked_at.asc().nulls_first(), Backup.id).limit(limit)
     result = await session.execute(statement)
     return [(row[0], row[1]) for row in result.all()]
 
