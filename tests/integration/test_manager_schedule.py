@@ -147,10 +147,16 @@ async def test_report_with_wrong_token_is_rejected(one_sandbox: BackupManager, a
     await _claim_all(manager)
     attempt = (await _backups(manager, "sb-1"))[0]
 
-    response = await _report(api, "r1", {"sandboxId": "sb-1", "snapshot": attempt.image_ref, "state": "COMPLETED"}, token="wrong")
+    report = {"sandboxId": "sb-1", "snapshot": attempt.image_ref, "state": "COMPLETED"}
+    response = await _report(api, "r1", report, token="wrong")
+    # With a digest the completion is written before the token is checked, and must be rolled back.
+    with_digest = await _report(api, "r1", {**report, "digest": "sha256:" + "a" * 64}, token="wrong")
+
     assert response.status_code == 401
     assert "runner-token" not in response.text
+    assert with_digest.status_code == 401
     assert (await _backups(manager, "sb-1"))[0].state == BackupState.IN_PROGRESS
+    assert (await _sandbox(manager, "sb-1")).backup_state == SandboxBackupState.IN_PROGRESS
 
 
 async def test_retries_back_off_then_end_in_error(one_sandbox: BackupManager, clock) -> None:  # type: ignore[no-untyped-def]

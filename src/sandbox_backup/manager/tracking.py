@@ -30,18 +30,30 @@ class ReportRejected(errors.SandboxBackupError):
 async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report: BackupReport) -> bool:
     """Apply a runner's report; return False when it does not match the attempt the sandbox awaits.
 
-    A completion that carries its digest, the usual case, is checked and written in one
-    transaction of three statements.
+    A completion that carries its digest, the usual case, is written and authenticated in one
+    transaction of two statements; a wrong token rolls it back.
     """
     _check_report(report)
     now = ctx.now()
-    completed_here: bool | None = None
     async with ctx.db.transaction() as session:
+        if report.state == RunnerBackupState.COMPLETED and report.digest:
+            completed = await backups.complete_reported(
+                session,
+                runner_id=runner_id,
+                sandbox_id=report.sandbox_id,
+                image_ref=report.snapshot,
+                digest=report.digest,
+                size_bytes=report.size_bytes,
+                layer_count=report.layer_count,
+                now=now,
+            )
+            if completed is not None:
+                runner_token, backup = completed
+                _authenticate(runner_id, runner_token, token)
+                attempts.record_completion(ctx, backup, done=True, digest=report.digest, size_bytes=report.size_bytes, now=now)
+                return True
         runner_token, backup = await backups.find_awaited_for_runner(session, runner_id=runner_id, sandbox_id=report.sandbox_id, image_ref=report.snapshot)
-        if runner_token is None or not token or not hmac.compare_digest(runner_token.encode(), token.encode()):
-            raise ReportRejected(f"report for runner {runner_id!r} rejected: unknown runner or wrong token")
-        if backup is not None and report.state == RunnerBackupState.COMPLETED and report.digest:
-            completed_here = await backups.complete(session, backup, digest=report.digest, size_bytes=report.size_bytes, layer_count=report.layer_count, now=now)
+        _authenticate(runner_id, runner_token, token)
 
     if backup is None:
         logger.info(
@@ -50,9 +62,6 @@ async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report:
         )
         return False
 
-    if completed_here is not None:
-        attempts.record_completion(ctx, backup, done=completed_here, digest=report.digest, size_bytes=report.size_bytes, now=now)
-        return completed_here
     if report.state == RunnerBackupState.COMPLETED:
         # No digest in the report: the registry is asked for it outside any transaction.
         return await attempts.complete_attempt(ctx, backup, digest=report.digest, size_bytes=report.size_bytes, layer_count=report.layer_count)
@@ -61,6 +70,12 @@ async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report:
         await attempts.fail_attempt(ctx, backup, reason=reason, transient=report.recoverable)
         return True
     return False
+
+
+def _authenticate(runner_id: str, expected: str | None, token: str) -> None:
+    """Raise ReportRejected unless `token` is the runner's; raising inside the transaction rolls it back."""
+    if expected is None or not token or not hmac.compare_digest(expected.encode(), token.encode()):
+        raise ReportRejected(f"report for runner {runner_id!r} rejected: unknown runner or wrong token")
 
 
 MAX_SIZE_BYTES = 2**63 - 1

@@ -316,13 +316,68 @@ async def complete(
     if not done:
         return False
 
+    await _mirror_completion(session, backup.id, backup.sandbox_id, started_at=backup.started_at, now=now)
+    return True
+
+
+async def complete_reported(
+    session: AsyncSession,
+    *,
+    runner_id: str,
+    sandbox_id: str,
+    image_ref: str,
+    digest: str,
+    size_bytes: int | None,
+    layer_count: int | None,
+    now: datetime.datetime,
+) -> tuple[str, Backup] | None:
+    """Complete the open attempt of `sandbox_id` on `runner_id` that awaits `image_ref`, in one statement.
+
+    Returns the runner's token, for the caller to check before it commits, and the completed
+    attempt (detached, with the columns a log line needs); None when no open attempt matched.
+    """
+    # A subquery, because SQLite's RETURNING may name only the updated table.
+    runner_token = sa.select(Runner.token).where(Runner.id == Backup.runner_id).scalar_subquery()
+    statement = (
+        sa.update(Backup)
+        .where(
+            Backup.runner_id == runner_id,
+            Backup.sandbox_id == sandbox_id,
+            Backup.image_ref == image_ref,
+            Backup.state.in_(OPEN_STATES),
+        )
+        .values(
+            state=BackupState.COMPLETED,
+            manifest_digest=digest,
+            size_bytes=size_bytes,
+            layer_count=layer_count,
+            completed_at=now,
+            updated_at=now,
+            error_reason=None,
+            version=Backup.version + 1,
+        )
+        .returning(runner_token, Backup.id, Backup.attempt, Backup.started_at, Backup.registry_id)
+    )
+    row = (await session.execute(statement, execution_options={"synchronize_session": False})).first()
+    if row is None:
+        return None
+    token, backup_id, attempt, started_at, registry_id = row
+    await _mirror_completion(session, backup_id, sandbox_id, started_at=started_at, now=now)
+    backup = Backup(
+        id=backup_id, sandbox_id=sandbox_id, runner_id=runner_id, registry_id=registry_id, image_ref=image_ref, attempt=attempt, started_at=started_at
+    )
+    return token, backup
+
+
+async def _mirror_completion(session: AsyncSession, backup_id: str, sandbox_id: str, *, started_at: datetime.datetime | None, now: datetime.datetime) -> None:
+    """Show a completed attempt on its sandbox, and owe its deletion when the sandbox is being destroyed."""
     mirror = (
         sa.update(Sandbox)
-        .where(Sandbox.id == backup.sandbox_id, Sandbox.current_backup_id == backup.id)
+        .where(Sandbox.id == sandbox_id, Sandbox.current_backup_id == backup_id)
         .values(
             backup_state=SandboxBackupState.COMPLETED,
             last_backup_at=now,
-            last_backup_started_at=backup.started_at or now,
+            last_backup_started_at=started_at or now,
             last_attempt_ended_at=now,
             error_reason=None,
             updated_at=now,
@@ -333,14 +388,13 @@ async def complete(
     row = (await session.execute(mirror, execution_options={"synchronize_session": False})).first()
     if row is None:
         # The sandbox awaits another attempt (or is gone); its state still decides the cleanup below.
-        sandbox = await session.get(Sandbox, backup.sandbox_id, populate_existing=True)
+        sandbox = await session.get(Sandbox, sandbox_id, populate_existing=True)
         row = None if sandbox is None else (sandbox.state, sandbox.desired_state)
     if row is not None and SandboxState.DESTROYED in tuple(row):
         # A push that ended after the destroy: the owed repository deletion removes it too.
         await session.execute(
-            sa.update(Backup).where(Backup.id == backup.id).values(deleted_at=now), execution_options={"synchronize_session": False}
+            sa.update(Backup).where(Backup.id == backup_id).values(deleted_at=now), execution_options={"synchronize_session": False}
         )
-    return True
 
 
 async def fail(
