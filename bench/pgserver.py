@@ -54,6 +54,19 @@ class PrivatePostgres:
         )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.directory / "server.log"), "-o", options, "-w", "start")
 
+    def cpu_seconds(self) -> float:
+        """CPU used by the server so far: the postmaster, its live backends and those that exited."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        total = _cpu(postmaster, children_that_exited=True)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                total += _cpu(int(stat.parent.name))
+        return total
+
     def stop(self) -> None:
         if self.data.exists():
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
@@ -66,3 +79,15 @@ class PrivatePostgres:
         result = subprocess.run(command, capture_output=True, text=True, cwd=self.directory)
         if check and result.returncode != 0:
             raise RuntimeError(f"{tool} failed with status {result.returncode}: {result.stderr.strip() or result.stdout.strip()}")
+
+
+def _cpu(pid: int, *, children_that_exited: bool = False) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # utime, stime, cutime and cstime are fields 14 to 17 of proc(5); fields[0] here is field 3.
+    ticks = int(fields[11]) + int(fields[12])
+    if children_that_exited:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")

@@ -49,6 +49,8 @@ from pgserver import PrivatePostgres
 BENCH_DIR = Path(__file__).resolve().parent
 # Set by main(): BENCH_PG_URL, or the private server the benchmark starts.
 PG_ADMIN_URL = ""
+# Set by main() when the benchmark runs its own server, whose CPU is then reported too.
+PG_SERVER: PrivatePostgres | None = None
 # Marks the benchmark's own queries, so server-side statement counts leave them out.
 BENCH_QUERY_MARK = "/* bench-harness */"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -321,6 +323,7 @@ async def run_workload(workload: str, size: Size, workdir: Path, register: str) 
         "cpuFromT0": after["cpu"] - at_t0["cpu"],
         "runSeconds": t_end - before["t"],
         "fleetCpu": after["fleetCpu"] - before["fleetCpu"],
+        "pgCpu": None if before["pgCpu"] is None else after["pgCpu"] - before["pgCpu"],
         "rss": rss,
         "registryConnections": registry_connections,
         "attempts": len(starts),
@@ -348,6 +351,7 @@ async def snapshot(manager_pid: int, fleet_pid: int, sql_count_path: Path, admin
     pg, pg_no_tx = await pg_statement_count(admin, database) if pg_stat == "loaded" else (None, None)
     return {
         "t": time.time(),
+        "pgCpu": PG_SERVER.cpu_seconds() if PG_SERVER is not None else None,
         "cpu": cpu_seconds(manager_pid),
         "fleetCpu": cpu_seconds(fleet_pid),
         "sql": read_count(sql_count_path),
@@ -468,6 +472,7 @@ def print_table(results: list[dict[str, Any]], size: Size) -> None:
         ("manager CPU from the first call to end (s)", lambda r: f"{r['cpu']:.1f}"),
         ("manager CPU average (cores)", lambda r: f"{r['cpu'] / r['runSeconds']:.2f}"),
         ("fleet CPU from the first call to end (s)", lambda r: f"{r['fleetCpu']:.1f}"),
+        ("PostgreSQL CPU from the first call to end (s)", lambda r: _fmt(r["pgCpu"])),
         ("manager peak RSS (MiB)", lambda r: f"{r['rss']:.0f}"),
         ("registry connections", lambda r: str(r["registryConnections"])),
         ("sandboxes with two new COMPLETED backups", lambda r: str(r["backedUpTwice"])),
@@ -491,7 +496,7 @@ def size_for(workload: str, small: bool) -> Size:
 
 
 def main() -> None:
-    global PG_ADMIN_URL
+    global PG_ADMIN_URL, PG_SERVER
     parser = argparse.ArgumentParser(description="Run the backup-dispatch benchmark against a simulated fleet.")
     parser.add_argument("--small", action="store_true", help="5 runners x 4 sandboxes, 0.2 s backups (for CI)")
     parser.add_argument("--workload", choices=("w1", "w2", "w2b", "w3", "all"), default="all", help="workload to run (all = w1, w2b, w2)")
@@ -516,7 +521,7 @@ def main() -> None:
         if os.environ.get("BENCH_PG_URL"):
             PG_ADMIN_URL = os.environ["BENCH_PG_URL"]
         else:
-            server = PrivatePostgres(free_port())
+            server = PG_SERVER = PrivatePostgres(free_port())
             server.start()
             PG_ADMIN_URL = server.url
             print(f"PostgreSQL: a private server on 127.0.0.1:{server.port} with pg_stat_statements")
