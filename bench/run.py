@@ -164,6 +164,16 @@ async def pg_statement_count(admin: asyncpg.Connection, database: str) -> tuple[
     return int(row[0]), int(row[1])
 
 
+async def write_statement_counts(admin: asyncpg.Connection, database: str, path: Path) -> None:
+    """Write every statement the server counted on `database`, most called first (kept with --keep)."""
+    rows = await admin.fetch(
+        f"SELECT {BENCH_QUERY_MARK} s.calls, s.query FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+        "WHERE d.datname = $1 ORDER BY s.calls DESC",
+        database,
+    )
+    path.write_text("".join(f"{row['calls']:>8}  {' '.join(row['query'].split())[:300]}\n" for row in rows))
+
+
 async def put_all(http: httpx.AsyncClient, paths_and_bodies: list[tuple[str, dict[str, Any]]], concurrency: int) -> None:
     limit = asyncio.Semaphore(concurrency)
 
@@ -189,6 +199,7 @@ async def run_workload(workload: str, size: Size, workdir: Path, register: str) 
     admin = await asyncpg.connect(PG_ADMIN_URL)
     await admin.execute(f'CREATE DATABASE "{database}"')
     manager = fleet = None
+    pg_stat = "not checked"
     try:
         bench_db = await asyncpg.connect(database_url)
         try:
@@ -281,6 +292,8 @@ async def run_workload(workload: str, size: Size, workdir: Path, register: str) 
             tail = fleet.stdout.read().decode().strip().splitlines()
             if tail:
                 registry_connections = json.loads(tail[-1]).get("registryConnections")
+        if pg_stat == "loaded":
+            await write_statement_counts(admin, database, workdir / f"{workload}-statements.txt")
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
 

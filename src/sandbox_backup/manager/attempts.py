@@ -7,6 +7,7 @@ import logging
 
 from sandbox_backup import errors
 from sandbox_backup.domain import reference
+from sandbox_backup.domain.states import SandboxState
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.store import backups, fleet
 from sandbox_backup.store.models import Backup
@@ -32,20 +33,24 @@ async def complete_attempt(ctx: ManagerContext, backup: Backup, *, digest: str |
         current = await backups.get_backup(session, backup.id)
         if current is None:
             return False
-        done = await backups.complete(session, current, digest=digest, size_bytes=size_bytes, layer_count=layer_count, now=now)
-    record_completion(ctx, backup, done=done, digest=digest, size_bytes=size_bytes, now=now)
-    return done
+        completed = await backups.complete(session, current, digest=digest, size_bytes=size_bytes, layer_count=layer_count, now=now)
+    record_completion(ctx, backup, completed, digest=digest, size_bytes=size_bytes, now=now)
+    return completed is not None
 
 
-def record_completion(ctx: ManagerContext, backup: Backup, *, done: bool, digest: str | None, size_bytes: int | None, now: datetime.datetime) -> None:
+def record_completion(
+    ctx: ManagerContext, backup: Backup, completed: backups.Completed | None, *, digest: str | None, size_bytes: int | None, now: datetime.datetime
+) -> None:
     """After a completion was written (or lost its race): metrics, wake-ups and the log line."""
-    if not done:
+    if completed is None:
         logger.debug("completion ignored: the attempt already ended", extra={"action": "lost_race", "backup_id": backup.id})
         return
     ctx.metrics.record_attempt_end("completed", duration_s=_duration_s(backup, now), size_bytes=size_bytes)
     # A runner slot is free: the next PENDING attempt need not wait for the dispatch tick.
     ctx.wake_dispatch.set()
-    ctx.wake_archive.set()
+    if completed.sandbox_state == SandboxState.ARCHIVING:
+        # The archive waits for exactly this: a completed backup taken after the archive began.
+        ctx.wake_archive.set()
     logger.info(
         "backup completed",
         extra={"action": "backup_completed", "sandbox_id": backup.sandbox_id, "backup_id": backup.id, "runner_id": backup.runner_id, "image_ref": backup.image_ref, "digest": digest},

@@ -35,6 +35,7 @@ async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report:
     """
     _check_report(report)
     now = ctx.now()
+    completed = None
     async with ctx.db.transaction() as session:
         if report.state == RunnerBackupState.COMPLETED and report.digest:
             completed = await backups.complete_reported(
@@ -47,13 +48,16 @@ async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report:
                 layer_count=report.layer_count,
                 now=now,
             )
-            if completed is not None:
-                runner_token, backup = completed
-                _authenticate(runner_id, runner_token, token)
-                attempts.record_completion(ctx, backup, done=True, digest=report.digest, size_bytes=report.size_bytes, now=now)
-                return True
-        runner_token, backup = await backups.find_awaited_for_runner(session, runner_id=runner_id, sandbox_id=report.sandbox_id, image_ref=report.snapshot)
+        if completed is not None:
+            runner_token, backup, outcome = completed
+        else:
+            runner_token, backup = await backups.find_awaited_for_runner(session, runner_id=runner_id, sandbox_id=report.sandbox_id, image_ref=report.snapshot)
         _authenticate(runner_id, runner_token, token)
+
+    if completed is not None:
+        # After the commit, so the dispatcher it wakes sees the free slot.
+        attempts.record_completion(ctx, backup, outcome, digest=report.digest, size_bytes=report.size_bytes, now=now)
+        return True
 
     if backup is None:
         logger.info(

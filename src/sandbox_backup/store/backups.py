@@ -293,10 +293,17 @@ async def find_awaited_for_runner(session: AsyncSession, *, runner_id: str, sand
     return (None, None) if row is None else (row[0], row[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class Completed:
+    """An attempt just marked COMPLETED, and the state its sandbox was in (None: the sandbox is gone)."""
+
+    sandbox_state: SandboxState | None
+
+
 async def complete(
     session: AsyncSession, backup: Backup, *, digest: str | None, size_bytes: int | None, now: datetime.datetime, layer_count: int | None = None
-) -> bool:
-    """Mark an open attempt COMPLETED with its manifest digest; False when it is no longer open."""
+) -> Completed | None:
+    """Mark an open attempt COMPLETED with its manifest digest; None when it is no longer open."""
     done = await guards.guarded_update(
         session,
         Backup,
@@ -314,10 +321,8 @@ async def complete(
         action="complete",
     )
     if not done:
-        return False
-
-    await _mirror_completion(session, backup.id, backup.sandbox_id, started_at=backup.started_at, now=now)
-    return True
+        return None
+    return Completed(await _mirror_completion(session, backup.id, backup.sandbox_id, started_at=backup.started_at, now=now))
 
 
 async def complete_reported(
@@ -330,11 +335,12 @@ async def complete_reported(
     size_bytes: int | None,
     layer_count: int | None,
     now: datetime.datetime,
-) -> tuple[str, Backup] | None:
+) -> tuple[str, Backup, Completed] | None:
     """Complete the open attempt of `sandbox_id` on `runner_id` that awaits `image_ref`, in one statement.
 
-    Returns the runner's token, for the caller to check before it commits, and the completed
-    attempt (detached, with the columns a log line needs); None when no open attempt matched.
+    Returns the runner's token, for the caller to check before it commits, the completed
+    attempt (detached, with the columns a log line needs) and its sandbox's state; None when no
+    open attempt matched.
     """
     # A subquery, because SQLite's RETURNING may name only the updated table.
     runner_token = sa.select(Runner.token).where(Runner.id == Backup.runner_id).scalar_subquery()
@@ -362,15 +368,20 @@ async def complete_reported(
     if row is None:
         return None
     token, backup_id, attempt, started_at, registry_id = row
-    await _mirror_completion(session, backup_id, sandbox_id, started_at=started_at, now=now)
+    sandbox_state = await _mirror_completion(session, backup_id, sandbox_id, started_at=started_at, now=now)
     backup = Backup(
         id=backup_id, sandbox_id=sandbox_id, runner_id=runner_id, registry_id=registry_id, image_ref=image_ref, attempt=attempt, started_at=started_at
     )
-    return token, backup
+    return token, backup, Completed(sandbox_state)
 
 
-async def _mirror_completion(session: AsyncSession, backup_id: str, sandbox_id: str, *, started_at: datetime.datetime | None, now: datetime.datetime) -> None:
-    """Show a completed attempt on its sandbox, and owe its deletion when the sandbox is being destroyed."""
+async def _mirror_completion(
+    session: AsyncSession, backup_id: str, sandbox_id: str, *, started_at: datetime.datetime | None, now: datetime.datetime
+) -> SandboxState | None:
+    """Show a completed attempt on its sandbox, and owe its deletion when the sandbox is being destroyed.
+
+    Returns the sandbox's state, or None when the sandbox is gone.
+    """
     mirror = (
         sa.update(Sandbox)
         .where(Sandbox.id == sandbox_id, Sandbox.current_backup_id == backup_id)
@@ -395,6 +406,7 @@ async def _mirror_completion(session: AsyncSession, backup_id: str, sandbox_id: 
         await session.execute(
             sa.update(Backup).where(Backup.id == backup_id).values(deleted_at=now), execution_options={"synchronize_session": False}
         )
+    return None if row is None else row[0]
 
 
 async def fail(
