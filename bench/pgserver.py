@@ -48,7 +48,7 @@ class PrivatePostgres:
                 f"-c port={self.port}",
                 f"-c unix_socket_directories={self.directory}",
                 "-c shared_preload_libraries=pg_stat_statements",
-                "-c pg_stat_statements.track=all",
+                "-c pg_stat_statements.track=top",
                 "-c max_connections=100",
             ]
         )
