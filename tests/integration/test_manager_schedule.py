@@ -6,6 +6,8 @@ runner report posted to the manager's real API; the end-to-end tests drive real 
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -13,7 +15,7 @@ import sqlalchemy as sa
 from sandbox_backup.domain.states import BackupState, RunnerState, SandboxBackupState, SandboxState
 from sandbox_backup.manager import lifecycle
 from sandbox_backup.manager.service import BackupManager
-from sandbox_backup.store import backups, sandboxes
+from sandbox_backup.store import backups, fleet, sandboxes
 from sandbox_backup.store.models import Backup
 from tests.fixtures.manager import add_registry, add_runner, add_sandbox
 
@@ -340,3 +342,47 @@ async def test_progress_polls_only_quiet_attempts(manager_factory, clock) -> Non
     clock.advance(61)
     await manager.sync_progress()
     assert (await _backups(manager, "sb-1"))[0].checked_at == clock.now()
+
+
+async def test_probe_writes_only_what_changed(manager: BackupManager, clock) -> None:  # type: ignore[no-untyped-def]
+    ctx = manager.ctx
+    # A stub that answers the health check as a healthy runner agent does.
+    server = await asyncio.start_server(_answer_health, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await add_runner(manager, "r1", api_url=f"http://127.0.0.1:{port}")
+        await manager.probe_runners()
+        first = await _runner(manager, "r1")
+
+        # Seen 30 s ago: the answered probe writes nothing.
+        clock.advance(30)
+        await manager.probe_runners()
+        unchanged = await _runner(manager, "r1")
+
+        clock.advance(31)
+        await manager.probe_runners()
+        refreshed = await _runner(manager, "r1")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert first.last_seen_at is not None
+    assert unchanged.version == first.version
+    assert refreshed.version == first.version + 1
+    assert refreshed.last_seen_at == clock.now()
+    assert ctx.settings.runner_health_interval_s < 60
+
+
+async def _runner(manager: BackupManager, runner_id: str):  # type: ignore[no-untyped-def]
+    async with manager.ctx.db.transaction() as session:
+        return await fleet.get_runner(session, runner_id)
+
+
+async def _answer_health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    body = b'{"status":"ok","engineReachable":true}'
+    try:
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
