@@ -101,3 +101,7 @@ class EngineError(SandboxBackupError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class ReportRejected(SandboxBackupError):
+    """A runner call came with an unknown runner id or a token that is not that runner's."""

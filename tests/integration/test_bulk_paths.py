@@ -6,7 +6,9 @@ sandbox version read before a write, and the per-runner cap.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
 
 import httpx
 import sqlalchemy as sa
@@ -148,3 +150,43 @@ async def test_bulk_claim_keeps_the_runner_cap(manager: BackupManager) -> None:
     for sandbox in await _rows(manager, Sandbox):
         expected = SandboxBackupState.IN_PROGRESS if sandbox.current_backup_id in claimed else SandboxBackupState.PENDING
         assert sandbox.backup_state == expected, sandbox.id
+
+
+async def test_reports_arriving_together_share_transactions(manager: BackupManager, api: httpx.AsyncClient) -> None:
+    ctx = manager.ctx
+    await add_runner(manager, "r1", max_concurrent_backups=30)
+    await add_registry(manager)
+    for i in range(21):
+        await add_sandbox(manager, f"sb-{i:02d}", runner_id="r1")
+    await manager.check_running_due()
+    async with ctx.db.transaction() as session:
+        candidates = await backups.dispatch_candidates(session, now=ctx.now(), default_cap=30, limit=100)
+        claimed = {backup.sandbox_id: backup for backup, _, _ in await backups.claim_batch(session, candidates, now=ctx.now())}
+    assert len(claimed) == 21
+
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    def report(sandbox_id: str, token: str = "runner-token") -> Awaitable[httpx.Response]:
+        body = {"sandboxId": sandbox_id, "snapshot": claimed[sandbox_id].image_ref, "state": "COMPLETED", "digest": "sha256:" + "b" * 64, "sizeBytes": 7}
+        return api.post("/api/v1/runners/r1/reports", json=body, headers={"Authorization": f"Bearer {token}"})
+
+    sa.event.listen(ctx.db.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        # sb-20's report carries a wrong token: it is refused, and the rest of its group is written.
+        responses = await asyncio.gather(*(report(f"sb-{i:02d}") for i in range(20)), report("sb-20", token="wrong-token"))
+    finally:
+        sa.event.remove(ctx.db.engine.sync_engine, "before_cursor_execute", count)
+
+    assert [r.status_code for r in responses] == [202] * 20 + [401]
+    states = {b.sandbox_id: b.state for b in await _rows(manager, Backup)}
+    assert states == {**{f"sb-{i:02d}": BackupState.COMPLETED for i in range(20)}, "sb-20": BackupState.IN_PROGRESS}
+    for sandbox in await _rows(manager, Sandbox):
+        expected = SandboxBackupState.IN_PROGRESS if sandbox.id == "sb-20" else SandboxBackupState.COMPLETED
+        assert sandbox.backup_state == expected, sandbox.id
+        if sandbox.id != "sb-20":
+            assert sandbox.last_backup_started_at == claimed[sandbox.id].started_at
+    completing = [s for s in statements if s.lstrip().upper().startswith("UPDATE BACKUPS")]
+    assert 1 <= len(completing) < 20

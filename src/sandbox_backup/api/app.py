@@ -39,7 +39,7 @@ ERROR_STATUS = {
     errors.InvalidInput: status.HTTP_400_BAD_REQUEST,
     errors.NotFound: status.HTTP_404_NOT_FOUND,
     errors.Conflict: status.HTTP_409_CONFLICT,
-    tracking.ReportRejected: status.HTTP_401_UNAUTHORIZED,
+    errors.ReportRejected: status.HTTP_401_UNAUTHORIZED,
 }
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import random
 import ssl
+from typing import Any
 
 import httpx
 
@@ -44,6 +45,8 @@ class ManagerContext:
     # One small connection pool per runner address (see runner_http).
     _runner_pools: dict[str, httpx.AsyncClient] = dataclasses.field(init=False, default_factory=dict)
     _tls: ssl.SSLContext | None = dataclasses.field(init=False, default=None)
+    # The manager's CompletionBatcher, made by tracking on the first report.
+    completion_batcher: Any = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.runner_calls = asyncio.Semaphore(self.settings.runner_call_concurrency)

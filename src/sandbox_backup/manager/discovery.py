@@ -65,7 +65,7 @@ _LIFECYCLE_EVENTS = {
 }
 
 
-class RunnerTokenRejected(tracking.ReportRejected):
+class RunnerTokenRejected(errors.ReportRejected):
     """A discovery request came with an unknown runner id or a token that is not that runner's.
 
     A subclass of ReportRejected, so the API returns 401 for it, as for a rejected report.

@@ -14,7 +14,7 @@ import logging
 
 from sandbox_backup import errors
 from sandbox_backup.domain import reference
-from sandbox_backup.manager import attempts
+from sandbox_backup.manager import attempts, completion_batch
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.runner.models import BackupReport, RunnerBackupState, SandboxInfo
 from sandbox_backup.store import backups
@@ -23,41 +23,22 @@ from sandbox_backup.store.models import Backup, Runner
 logger = logging.getLogger(__name__)
 
 
-class ReportRejected(errors.SandboxBackupError):
-    """A report came with an unknown runner id or a token that is not that runner's."""
-
-
 async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report: BackupReport) -> bool:
     """Apply a runner's report; return False when it does not match the attempt the sandbox awaits.
 
-    A completion that carries its digest, the usual case, is written and authenticated in one
-    transaction of two statements; a wrong token rolls it back.
+    A completion that carries its digest, the usual case, is written with the other reports
+    that arrive meanwhile, in one transaction (see completion_batch).
     """
     _check_report(report)
-    now = ctx.now()
-    completed = None
-    async with ctx.db.transaction() as session:
-        if report.state == RunnerBackupState.COMPLETED and report.digest:
-            completed = await backups.complete_reported(
-                session,
-                runner_id=runner_id,
-                sandbox_id=report.sandbox_id,
-                image_ref=report.snapshot,
-                digest=report.digest,
-                size_bytes=report.size_bytes,
-                layer_count=report.layer_count,
-                now=now,
-            )
-        if completed is not None:
-            runner_token, backup, outcome = completed
-        else:
-            runner_token, backup = await backups.find_awaited_for_runner(session, runner_id=runner_id, sandbox_id=report.sandbox_id, image_ref=report.snapshot)
-        _authenticate(runner_id, runner_token, token)
+    if report.state == RunnerBackupState.COMPLETED and report.digest:
+        if ctx.completion_batcher is None:
+            ctx.completion_batcher = completion_batch.CompletionBatcher(ctx)
+        if await ctx.completion_batcher.submit(runner_id, token, report):
+            return True
 
-    if completed is not None:
-        # After the commit, so the dispatcher it wakes sees the free slot.
-        attempts.record_completion(ctx, backup, outcome, digest=report.digest, size_bytes=report.size_bytes, now=now)
-        return True
+    async with ctx.db.transaction() as session:
+        runner_token, backup = await backups.find_awaited_for_runner(session, runner_id=runner_id, sandbox_id=report.sandbox_id, image_ref=report.snapshot)
+    _authenticate(runner_id, runner_token, token)
 
     if backup is None:
         logger.info(
@@ -77,9 +58,9 @@ async def handle_report(ctx: ManagerContext, runner_id: str, token: str, report:
 
 
 def _authenticate(runner_id: str, expected: str | None, token: str) -> None:
-    """Raise ReportRejected unless `token` is the runner's; raising inside the transaction rolls it back."""
+    """Raise errors.ReportRejected unless `token` is the runner's."""
     if expected is None or not token or not hmac.compare_digest(expected.encode(), token.encode()):
-        raise ReportRejected(f"report for runner {runner_id!r} rejected: unknown runner or wrong token")
+        raise errors.ReportRejected(f"report for runner {runner_id!r} rejected: unknown runner or wrong token")
 
 
 MAX_SIZE_BYTES = 2**63 - 1

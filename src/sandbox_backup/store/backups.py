@@ -325,56 +325,6 @@ async def complete(
     return Completed(await _mirror_completion(session, backup.id, backup.sandbox_id, started_at=backup.started_at, now=now))
 
 
-async def complete_reported(
-    session: AsyncSession,
-    *,
-    runner_id: str,
-    sandbox_id: str,
-    image_ref: str,
-    digest: str,
-    size_bytes: int | None,
-    layer_count: int | None,
-    now: datetime.datetime,
-) -> tuple[str, Backup, Completed] | None:
-    """Complete the open attempt of `sandbox_id` on `runner_id` that awaits `image_ref`, in one statement.
-
-    Returns the runner's token, for the caller to check before it commits, the completed
-    attempt (detached, with the columns a log line needs) and its sandbox's state; None when no
-    open attempt matched.
-    """
-    # A subquery, because SQLite's RETURNING may name only the updated table.
-    runner_token = sa.select(Runner.token).where(Runner.id == Backup.runner_id).scalar_subquery()
-    statement = (
-        sa.update(Backup)
-        .where(
-            Backup.runner_id == runner_id,
-            Backup.sandbox_id == sandbox_id,
-            Backup.image_ref == image_ref,
-            Backup.state.in_(OPEN_STATES),
-        )
-        .values(
-            state=BackupState.COMPLETED,
-            manifest_digest=digest,
-            size_bytes=size_bytes,
-            layer_count=layer_count,
-            completed_at=now,
-            updated_at=now,
-            error_reason=None,
-            version=Backup.version + 1,
-        )
-        .returning(runner_token, Backup.id, Backup.attempt, Backup.started_at, Backup.registry_id)
-    )
-    row = (await session.execute(statement, execution_options={"synchronize_session": False})).first()
-    if row is None:
-        return None
-    token, backup_id, attempt, started_at, registry_id = row
-    sandbox_state = await _mirror_completion(session, backup_id, sandbox_id, started_at=started_at, now=now)
-    backup = Backup(
-        id=backup_id, sandbox_id=sandbox_id, runner_id=runner_id, registry_id=registry_id, image_ref=image_ref, attempt=attempt, started_at=started_at
-    )
-    return token, backup, Completed(sandbox_state)
-
-
 async def _mirror_completion(
     session: AsyncSession, backup_id: str, sandbox_id: str, *, started_at: datetime.datetime | None, now: datetime.datetime
 ) -> SandboxState | None:
