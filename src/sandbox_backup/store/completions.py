@@ -1,7 +1,7 @@
 """Write many reported completions in one transaction, with the fences of `backups.complete`.
 
 An attempt is completed only while it is open and awaits exactly the reported image reference
-on the reporting runner; its sandbox shows it only while the sandbox still awaits that attempt.
+on the reporting runner. Its sandbox shows it only while the sandbox still awaits that attempt.
 """
 
 from __future__ import annotations
