@@ -30,6 +30,7 @@ import json
 import math
 import os
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -508,8 +509,14 @@ def size_for(workload: str, small: bool) -> Size:
     return SMALL if small else FULL
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    # Turns SIGTERM into KeyboardInterrupt, so the finally blocks stop the servers this run started.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
     global PG_ADMIN_URL, PG_SERVER
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description="Run the backup-dispatch benchmark against a simulated fleet.")
     parser.add_argument("--small", action="store_true", help="5 runners x 4 sandboxes, 0.2 s backups (for CI)")
     parser.add_argument("--workload", choices=("w1", "w2", "w2b", "w3", "all"), default="all", help="workload to run (all = w1, w2b, w2)")
