@@ -68,6 +68,9 @@ class FakeFleet:
     def __init__(self) -> None:
         self.runners = {name: FakeRunner() for name in RUNNER_URLS}
         self.registry = FakeRegistry()
+        # Set to make the registry answer 503 to everything; registry_calls counts its requests.
+        self.registry_down = False
+        self.registry_calls = 0
         self._by_port = {httpx.URL(url).port: name for name, url in RUNNER_URLS.items()}
 
     def push(self, image_ref: str, *, with_blobs: bool = True) -> str:
@@ -120,6 +123,9 @@ class FakeFleet:
         return httpx.Response(404, json={"message": "no route", "path": path, "statusCode": 404, "timestamp": "t"})
 
     async def _registry(self, request: httpx.Request) -> httpx.Response:
+        self.registry_calls += 1
+        if self.registry_down:
+            return httpx.Response(503, text="registry unavailable")
         path = request.url.path
         if path == "/v2/":
             return httpx.Response(200, json={})
@@ -272,6 +278,30 @@ async def test_archive_refuses_backup_found_broken(manager: BackupManager, fleet
     # the container on the runner and the sandbox ARCHIVING.
     assert fleet.runners["r1"].containers.get("sb-1") == "started"
     assert (await get_sandbox(manager, "sb-1")).state == SandboxState.ARCHIVING
+
+
+async def test_archive_pass_stops_calling_down_registry(manager: BackupManager, fleet: FakeFleet, api: httpx.AsyncClient, clock) -> None:  # type: ignore[no-untyped-def]
+    fresh = {}
+    for sandbox_id in ("sb-1", "sb-2", "sb-3"):
+        await add_sandbox(manager, sandbox_id, runner_id="r1", state=SandboxState.STARTED)
+        fleet.runners["r1"].containers[sandbox_id] = "started"
+        assert (await api.post(f"/api/v1/sandboxes/{sandbox_id}/events", json={"type": "archive_requested"})).status_code == 200
+    clock.advance(60)
+    for sandbox_id in ("sb-1", "sb-2", "sb-3"):
+        fresh[sandbox_id] = await _completed(manager, fleet, sandbox_id, at=clock.now())
+    fleet.registry_down = True
+    assert (await api.post(f"/api/v1/backups/{fresh['sb-1'].id}/verify")).json()["outcome"] == "UNKNOWN"
+    calls_for_one = fleet.registry_calls
+    fleet.registry_calls = 0
+
+    # The first archive finds the registry down; the other two wait for the next pass without a call.
+    assert await manager.finish_archives() == 0
+    assert fleet.registry_calls == calls_for_one
+    for sandbox_id in ("sb-1", "sb-2", "sb-3"):
+        assert (await get_sandbox(manager, sandbox_id)).state == SandboxState.ARCHIVING
+
+    fleet.registry_down = False
+    assert await manager.finish_archives() == 3
 
 
 async def test_restore_retry_after_lost_response(manager: BackupManager, fleet: FakeFleet, api: httpx.AsyncClient, clock) -> None:  # type: ignore[no-untyped-def]

@@ -20,17 +20,23 @@ logger = logging.getLogger(__name__)
 
 
 async def finish_archives(ctx: ManagerContext) -> int:
-    """Finish every archiving sandbox whose fresh backup is complete; return how many left their runner."""
+    """Finish every archiving sandbox whose fresh backup is complete; return how many left their runner.
+
+    Once a registry cannot confirm a backup, the pass skips the other archives whose backups are
+    in that registry, so an unreachable registry costs one call per pass, not one per sandbox.
+    """
     async with ctx.db.transaction() as session:
         ready = await sandboxes.archiving_ready(session, limit=ctx.settings.due_check_batch)
     finished = 0
+    unconfirmed: set[str] = set()
     for sandbox in ready:
-        if await finish_archive(ctx, sandbox.id):
+        if await finish_archive(ctx, sandbox.id, skip_registries=unconfirmed):
             finished += 1
     return finished
 
 
-async def finish_archive(ctx: ManagerContext, sandbox_id: str) -> bool:
+async def finish_archive(ctx: ManagerContext, sandbox_id: str, *, skip_registries: set[str] | None = None) -> bool:
+    """Finish one archive if its fresh backup verifies. A registry that cannot confirm it is added to `skip_registries`."""
     async with ctx.db.transaction() as session:
         sandbox = await sandboxes.get_sandbox(session, sandbox_id)
         backup = await backups.get_backup(session, sandbox.current_backup_id) if sandbox and sandbox.current_backup_id else None
@@ -39,11 +45,18 @@ async def finish_archive(ctx: ManagerContext, sandbox_id: str) -> bool:
         return False
     if backup.state.value != "COMPLETED" or backup.started_at is None or backup.started_at <= sandbox.state_changed_at:
         return False
+    if skip_registries is not None and registry.id in skip_registries:
+        return False
 
     log_extra = {"sandbox_id": sandbox_id, "backup_id": backup.id, "runner_id": sandbox.runner_id}
     outcome = verification.VerifyOutcome.BROKEN if backup.broken_at else await verification.verify_backup(ctx, backup.id)
     if outcome == verification.VerifyOutcome.UNKNOWN:
-        logger.warning("archive waits: the registry could not confirm the backup", extra={"action": "archive_waiting", **log_extra})
+        logger.warning(
+            "archive waits: the registry could not confirm the backup; its other archives wait for the next pass",
+            extra={"action": "archive_waiting", "registry_id": registry.id, **log_extra},
+        )
+        if skip_registries is not None:
+            skip_registries.add(registry.id)
         return False
     if outcome == verification.VerifyOutcome.BROKEN:
         async with ctx.db.transaction() as session:
