@@ -30,6 +30,8 @@ async def finish_archives(ctx: ManagerContext) -> int:
     finished = 0
     unconfirmed: set[str] = set()
     for sandbox in ready:
+        if sandbox.backup_registry_id in unconfirmed:
+            continue
         if await finish_archive(ctx, sandbox.id, skip_registries=unconfirmed):
             finished += 1
     return finished
