@@ -130,6 +130,14 @@ async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, 
         .subquery()
     )
     cap = sa.func.coalesce(Runner.max_concurrent_backups, default_cap)
+    # Only the PENDING attempts of runners with a free slot are ranked: in a large fleet most
+    # runners are full, and ranking every PENDING attempt on each pass costs the database dearly.
+    with_room = (
+        sa.select(Runner.id.label("runner_id"), cap.label("cap"), (cap - sa.func.coalesce(in_flight.c.n, 0)).label("free"))
+        .outerjoin(in_flight, in_flight.c.runner_id == Runner.id)
+        .where(Runner.state.in_(list(SCHEDULABLE_RUNNER_STATES)), cap - sa.func.coalesce(in_flight.c.n, 0) > 0)
+        .subquery()
+    )
     priority = sa.case(
         *[(Sandbox.state == state, rank) for state, rank in STATE_PRIORITY.items()], else_=len(STATE_PRIORITY)
     )
@@ -143,18 +151,16 @@ async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, 
             Backup.version.label("backup_version"),
             Sandbox.id.label("sandbox_id"),
             Sandbox.runner_id.label("runner_id"),
-            cap.label("cap"),
-            (cap - sa.func.coalesce(in_flight.c.n, 0)).label("free"),
+            with_room.c.cap,
+            with_room.c.free,
             priority.label("priority"),
             rank.label("rank"),
         )
         .join(Sandbox, Sandbox.id == Backup.sandbox_id)
-        .join(Runner, Runner.id == Sandbox.runner_id)
-        .outerjoin(in_flight, in_flight.c.runner_id == Runner.id)
+        .join(with_room, with_room.c.runner_id == Sandbox.runner_id)
         .where(
             Backup.state == BackupState.PENDING,
             Backup.next_attempt_at <= now,
-            Runner.state.in_(list(SCHEDULABLE_RUNNER_STATES)),
             Sandbox.state.in_(list(STATE_PRIORITY)),
             sa.or_(Sandbox.desired_state.is_(None), Sandbox.desired_state != SandboxState.DESTROYED),
         )
