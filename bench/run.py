@@ -66,6 +66,9 @@ class Size:
     duration_s: float
     timeout_s: float
     idle_s: float
+    # Wait before the idle measurement, so it starts after the first health-probe pass, whose
+    # one write per newly registered runner is not background load.
+    settle_s: float = 0.0
     due_interval_s: float
     duration_max_s: float | None = None
     failure_rate: float = 0.0
@@ -73,7 +76,7 @@ class Size:
     manager_env: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-FULL = Size(runners=100, sandboxes_per_runner=20, duration_s=2.0, timeout_s=1500.0, idle_s=10.0, due_interval_s=60.0)
+FULL = Size(runners=100, sandboxes_per_runner=20, duration_s=2.0, timeout_s=1500.0, idle_s=30.0, settle_s=20.0, due_interval_s=60.0)
 # The default due check runs every 60 s, so W2b alone would take a minute. CI uses 5 s.
 SMALL = Size(
     runners=5,
@@ -257,6 +260,7 @@ async def run_workload(workload: str, size: Size, workdir: Path, register: str) 
             await put_all(http, runner_puts, 8)
 
             # Idle rates: the manager with its runners and no sandboxes.
+            await asyncio.sleep(size.settle_s)
             idle = await measure(manager.pid, sql_count_path, admin, database, pg_stat, size.idle_s)
 
             before = await snapshot(manager.pid, fleet.pid, sql_count_path, admin, database, pg_stat)
