@@ -66,11 +66,11 @@ class Size:
     duration_s: float
     timeout_s: float
     idle_s: float
+    due_interval_s: float
+    duration_max_s: float | None = None
     # Wait before the idle measurement, so it starts after the first health-probe pass, whose
     # one write per newly registered runner is not background load.
     settle_s: float = 0.0
-    due_interval_s: float
-    duration_max_s: float | None = None
     failure_rate: float = 0.0
     # Manager settings that differ from its defaults, as SANDBOX_BACKUP_* variables.
     manager_env: dict[str, str] = dataclasses.field(default_factory=dict)
