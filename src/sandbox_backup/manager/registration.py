@@ -38,9 +38,9 @@ class BatchResult:
 async def upsert_sandboxes(ctx: ManagerContext, items: Sequence[tuple[str, SandboxFields]]) -> BatchResult:
     """Record the platform's view of each listed sandbox and act on state changes.
 
-    Raises InvalidInput for a bad or repeated id or an oversized batch, NotFound for an unknown
-    runner, and Conflict when a listed sandbox changed meanwhile or is a destroyed one whose
-    backups are still being deleted; nothing is written in any of these cases.
+    Raises InvalidInput for a bad or repeated id or an oversized batch, and NotFound for an
+    unknown runner. Raises Conflict when a listed sandbox changed meanwhile, or is a destroyed one
+    whose backups are still being deleted. Nothing is written in any of these cases.
     """
     _check_batch(items)
     now = ctx.now()
@@ -68,7 +68,7 @@ async def upsert_sandboxes(ctx: ManagerContext, items: Sequence[tuple[str, Sandb
 
 def _check_batch(items: Sequence[tuple[str, SandboxFields]]) -> None:
     if len(items) > MAX_BATCH:
-        raise errors.InvalidInput(f"a batch holds at most {MAX_BATCH} sandboxes, got {len(items)}; split it")
+        raise errors.InvalidInput(f"invalid batch: {len(items)} sandboxes, the limit is {MAX_BATCH}; split it into smaller batches")
     seen: set[str] = set()
     for sandbox_id, _ in items:
         reference.validate_sandbox_id(sandbox_id)
