@@ -32,6 +32,7 @@ class PeriodicJob:
         wake: asyncio.Event | None = None,
         lock_ttl_s: float | None = None,
         metrics: ManagerMetrics | None = None,
+        wake_delay_s: float = 0.0,
     ) -> None:
         self.name = name
         self.body = body
@@ -40,6 +41,8 @@ class PeriodicJob:
         self.wake = wake or asyncio.Event()
         self.lock_ttl_s = lock_ttl_s or max(30.0, interval_s * 3)
         self.metrics = metrics
+        # After a wake-up, wait this long first, so wake-ups that come in a burst share one run.
+        self.wake_delay_s = wake_delay_s
         # Set by request_stop(): no new tick starts, and a body that is running may finish.
         self.stopping = False
         self.body_running = False
@@ -96,4 +99,6 @@ class PeriodicJob:
             return
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout=self.interval_s)
+            if self.wake_delay_s and not self.stopping:
+                await asyncio.sleep(self.wake_delay_s)
         self.wake.clear()

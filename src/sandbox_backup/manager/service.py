@@ -22,6 +22,10 @@ from sandbox_backup.store.transaction import Database
 
 logger = logging.getLogger(__name__)
 
+# Completions of a wave wake the dispatcher hundreds of times a second; 50 ms lets one pass
+# fill the slots they freed together, at a cost of 50 ms on a dispatch.
+DISPATCH_WAKE_DELAY_S = 0.05
+
 
 class BackupManager:
     """One manager replica. Several may share a PostgreSQL database and a Redis."""
@@ -32,7 +36,14 @@ class BackupManager:
         self.jobs = [
             PeriodicJob("due-check-running", self.check_running_due, interval_s=settings.due_check_interval_s, coordinator=ctx.coordinator),
             PeriodicJob("due-check-stopped", self.check_stopped_due, interval_s=settings.stopped_check_interval_s, coordinator=ctx.coordinator),
-            PeriodicJob("dispatch", self.dispatch_pending, interval_s=settings.dispatch_interval_s, coordinator=ctx.coordinator, wake=ctx.wake_dispatch),
+            PeriodicJob(
+                "dispatch",
+                self.dispatch_pending,
+                interval_s=settings.dispatch_interval_s,
+                coordinator=ctx.coordinator,
+                wake=ctx.wake_dispatch,
+                wake_delay_s=DISPATCH_WAKE_DELAY_S,
+            ),
             PeriodicJob("progress", self.sync_progress, interval_s=settings.progress_interval_s, coordinator=ctx.coordinator),
             PeriodicJob("runner-health", self.probe_runners, interval_s=settings.runner_health_interval_s, coordinator=ctx.coordinator),
             PeriodicJob("cleanup", self.work_cleanup, interval_s=settings.cleanup_interval_s, coordinator=ctx.coordinator, wake=ctx.wake_cleanup),
