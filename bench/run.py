@@ -96,7 +96,11 @@ WORKLOAD_STATES = {"w1": ("STOPPED", "stopped"), "w2b": ("STARTED", "started"), 
 def w3_state(sandbox_index: int) -> str:
     """70 % running, 25 % stopped, 5 % archiving, by the sandbox's index on its runner."""
     slot = sandbox_index % 20
-    return "STARTED" if slot < 14 else "STOPPED" if slot < 19 else "ARCHIVING"
+    if slot < 14:
+        return "STARTED"
+    if slot < 19:
+        return "STOPPED"
+    return "ARCHIVING"
 SEED_TAG = "seed"
 
 

@@ -78,9 +78,9 @@ def _check_batch(items: Sequence[tuple[str, SandboxFields]]) -> None:
 
 
 async def _check_runners(session: AsyncSession, items: Sequence[tuple[str, SandboxFields]]) -> None:
-    wanted = {fields.runner_id for _, fields in items if fields.runner_id is not None}
-    known = {runner.id for runner in await fleet.list_runners(session)} if wanted else set()
-    missing = sorted(wanted - known)
+    requested = {fields.runner_id for _, fields in items if fields.runner_id is not None}
+    known = {runner.id for runner in await fleet.list_runners(session)} if requested else set()
+    missing = sorted(requested - known)
     if missing:
         raise errors.NotFound(f"runner {missing[0]!r} is not registered; register it first with PUT /api/v1/runners/{missing[0]}")
 

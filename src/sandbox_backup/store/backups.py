@@ -272,17 +272,6 @@ async def in_progress_batch(session: AsyncSession, *, limit: int, quiet_since: d
     return [(row[0], row[1]) for row in result.all()]
 
 
-async def find_awaited(session: AsyncSession, *, sandbox_id: str, runner_id: str, image_ref: str) -> Backup | None:
-    """Return the open attempt of `sandbox_id` on `runner_id` that awaits exactly `image_ref`, if any."""
-    statement = sa.select(Backup).where(
-        Backup.sandbox_id == sandbox_id,
-        Backup.runner_id == runner_id,
-        Backup.image_ref == image_ref,
-        Backup.state.in_(OPEN_STATES),
-    )
-    return (await session.execute(statement)).scalar_one_or_none()
-
-
 async def find_awaited_for_runner(session: AsyncSession, *, runner_id: str, sandbox_id: str, image_ref: str) -> tuple[str | None, Backup | None]:
     """Return the runner's token (None for an unknown runner) and the open attempt that awaits `image_ref`.
 
@@ -427,12 +416,6 @@ async def _queue_retry(
     assert sandbox is not None
     return await create_attempt(
         session, sandbox, registry=registry, trigger=failed.trigger, now=now, attempt=failed.attempt + 1, next_attempt_at=decision.next_attempt_at
-    )
-
-
-async def _mirror_on_sandbox(session: AsyncSession, sandbox_id: str, backup_id: str, state: SandboxBackupState, *, now: datetime.datetime) -> None:
-    await guards.guarded_update(
-        session, Sandbox, sandbox_id, expected={"current_backup_id": backup_id}, values={"backup_state": state, "updated_at": now}, action="mirror_state"
     )
 
 

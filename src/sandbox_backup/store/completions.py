@@ -39,7 +39,7 @@ async def complete_many(
 ) -> dict[str, tuple[Backup, Completed]]:
     """Complete the open attempt each report names; return, by image reference, those completed.
 
-    Each returned attempt is detached and holds the columns a log line needs. A report whose
+    Each returned attempt is detached and has the columns a log line needs. A report whose
     attempt is not open (or does not exist) is left out.
     """
     if not reports:

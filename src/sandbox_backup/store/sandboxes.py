@@ -106,7 +106,7 @@ async def insert_sandboxes(session: AsyncSession, new: Sequence[tuple[str, Sandb
 
 
 async def due_rows(session: AsyncSession, sandbox_ids: Sequence[str]) -> list[tuple[Sandbox, Runner | None]]:
-    """The sandboxes among `sandbox_ids` with their runners, as a due check reads them."""
+    """Return the sandboxes among `sandbox_ids` with their runners, as a due check reads them."""
     if not sandbox_ids:
         return []
     statement = sa.select(Sandbox, Runner).outerjoin(Runner, Runner.id == Sandbox.runner_id).where(Sandbox.id.in_(list(sandbox_ids))).order_by(Sandbox.id)
