@@ -190,3 +190,65 @@ async def test_reports_arriving_together_share_transactions(manager: BackupManag
             assert sandbox.last_backup_started_at == claimed[sandbox.id].started_at
     completing = [s for s in statements if s.lstrip().upper().startswith("UPDATE BACKUPS")]
     assert 1 <= len(completing) < 20
+
+
+async def _candidates(manager: BackupManager) -> dict[str, str]:
+    """Dispatch candidates as {sandbox id: runner id}."""
+    async with manager.ctx.db.transaction() as session:
+        found = await backups.dispatch_candidates(session, now=manager.ctx.now(), default_cap=6, limit=100)
+    return {candidate.sandbox_id: candidate.runner_id for candidate in found}
+
+
+async def test_pending_attempt_follows_moved_sandbox(manager: BackupManager, api: httpx.AsyncClient) -> None:
+    ctx = manager.ctx
+    for runner_id in ("r1", "r2", "r3"):
+        await add_runner(manager, runner_id)
+    await add_registry(manager)
+    await add_sandbox(manager, "sb-put", runner_id="r1")
+    await add_sandbox(manager, "sb-batch", runner_id="r1")
+    await add_sandbox(manager, "sb-moved", runner_id="r1", state=SandboxState.STOPPED)
+    assert await manager.check_running_due() == 2
+    assert await manager.check_stopped_due() == 1
+    assert await _candidates(manager) == {"sb-put": "r1", "sb-batch": "r1", "sb-moved": "r1"}
+
+    # The platform reports two sandboxes on r2, one by PUT and one in a batch. A drain moves the third to r3.
+    put = await api.put("/api/v1/sandboxes/sb-put", json={"state": "STARTED", "runnerId": "r2", "organizationId": "org-1"})
+    batch = await api.post("/api/v1/sandboxes/batch", json={"sandboxes": [_item("sb-batch", runner_id="r2")]})
+    async with ctx.db.transaction() as session:
+        moved = await sandboxes.move_to_runner(session, "sb-moved", runner_id="r3", started=False, now=ctx.now(), expected_state=SandboxState.STOPPED)
+
+    assert put.status_code == 200, put.text
+    assert batch.status_code == 200, batch.text
+    assert moved
+    assert await _candidates(manager) == {"sb-put": "r2", "sb-batch": "r2", "sb-moved": "r3"}
+    assert {b.sandbox_id: b.runner_id for b in await _rows(manager, Backup, state=BackupState.PENDING)} == {"sb-put": "r2", "sb-batch": "r2", "sb-moved": "r3"}
+
+
+async def test_dispatch_skips_mismatched_runner(manager: BackupManager) -> None:
+    # A write that moved the sandbox without its PENDING attempt leaves the two disagreeing.
+    # Dispatch then sends the attempt to neither runner.
+    ctx = manager.ctx
+    await add_runner(manager, "r1")
+    await add_runner(manager, "r2")
+    await add_registry(manager)
+    await add_sandbox(manager, "sb-1", runner_id="r1")
+    await add_sandbox(manager, "sb-2", runner_id="r1")
+    await manager.check_running_due()
+    async with ctx.db.transaction() as session:
+        await session.execute(sa.update(Sandbox).where(Sandbox.id == "sb-1").values(runner_id="r2"))
+
+    assert await _candidates(manager) == {"sb-2": "r1"}
+
+
+async def test_archived_sandbox_clears_pending_runner(manager: BackupManager) -> None:
+    ctx = manager.ctx
+    await add_runner(manager, "r1")
+    await add_registry(manager)
+    await add_sandbox(manager, "sb-1", runner_id="r1", state=SandboxState.ARCHIVING)
+    await manager.check_stopped_due()
+    async with ctx.db.transaction() as session:
+        archived = await sandboxes.finish_archive(session, await sandboxes.get_sandbox(session, "sb-1"), now=ctx.now())
+
+    assert archived
+    assert [b.runner_id for b in await _rows(manager, Backup, state=BackupState.PENDING)] == [None]
+    assert await _candidates(manager) == {}

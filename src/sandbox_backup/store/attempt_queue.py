@@ -24,7 +24,7 @@ from sandbox_backup.domain.schedule import IN_FLIGHT
 from sandbox_backup.domain.states import BACKUP_SOURCE_STATES, BackupState, BackupTrigger, SandboxBackupState, SandboxState
 from sandbox_backup.store.models import Backup, Registry, Sandbox
 
-# Rows per INSERT: 11 bound values each stays far below the drivers' limit of 32,767 per statement.
+# Rows per INSERT: 12 bound values each stays far below the drivers' limit of 32,767 per statement.
 CHUNK = 1000
 
 
@@ -106,6 +106,7 @@ def _plan(request: AttemptRequest, now: datetime.datetime) -> dict[str, object]:
     return {
         "id": str(uuid.uuid4()),
         "sandbox_id": request.sandbox_id,
+        "runner_id": request.runner_id,
         "registry_id": registry.id,
         "image_ref": reference.build_backup_reference(registry.url, registry.project, request.sandbox_id, now),
         "trigger": request.trigger,

@@ -73,6 +73,7 @@ async def create_attempt(
     backup = Backup(
         id=str(uuid.uuid4()),
         sandbox_id=sandbox.id,
+        runner_id=sandbox.runner_id,
         registry_id=registry.id,
         image_ref=image_ref,
         trigger=trigger,
@@ -123,26 +124,20 @@ async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, 
     Across runners, every runner's first candidate comes before any runner's second, so one busy
     runner cannot starve the rest when `limit` cuts the list.
     """
-    in_flight = (
-        sa.select(Backup.runner_id, sa.func.count().label("n"))
-        .where(Backup.state == BackupState.IN_PROGRESS)
-        .group_by(Backup.runner_id)
-        .subquery()
-    )
-    cap = sa.func.coalesce(Runner.max_concurrent_backups, default_cap)
-    # Only the PENDING attempts of runners with a free slot are ranked: in a large fleet most
-    # runners are full, and ranking every PENDING attempt on each pass costs the database dearly.
-    with_room = (
-        sa.select(Runner.id.label("runner_id"), cap.label("cap"), (cap - sa.func.coalesce(in_flight.c.n, 0)).label("free"))
-        .outerjoin(in_flight, in_flight.c.runner_id == Runner.id)
-        .where(Runner.state.in_(list(SCHEDULABLE_RUNNER_STATES)), cap - sa.func.coalesce(in_flight.c.n, 0) > 0)
-        .subquery()
-    )
+    room = await runners_with_room(session, default_cap=default_cap)
+    if not room:
+        return []
+
+    # The runners with room go in as a list of values, and a PENDING attempt carries its sandbox's
+    # runner. So the planner reads only those runners' attempts through the (state, runner_id)
+    # index. A subquery there made it scan every PENDING attempt of the fleet on each pass.
+    runner_ids = list(room)
+    free = sa.case({runner_id: slots for runner_id, (_cap, slots) in room.items()}, value=Backup.runner_id)
     priority = sa.case(
         *[(Sandbox.state == state, rank) for state, rank in STATE_PRIORITY.items()], else_=len(STATE_PRIORITY)
     )
     rank = sa.func.row_number().over(
-        partition_by=Sandbox.runner_id,
+        partition_by=Backup.runner_id,
         order_by=[priority, Sandbox.last_backup_at.asc().nulls_first(), Backup.created_at, Backup.id],
     )
     ranked = (
@@ -150,15 +145,15 @@ async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, 
             Backup.id.label("backup_id"),
             Backup.version.label("backup_version"),
             Sandbox.id.label("sandbox_id"),
-            Sandbox.runner_id.label("runner_id"),
-            with_room.c.cap,
-            with_room.c.free,
+            Backup.runner_id.label("runner_id"),
+            free.label("free"),
             priority.label("priority"),
             rank.label("rank"),
         )
-        .join(Sandbox, Sandbox.id == Backup.sandbox_id)
-        .join(with_room, with_room.c.runner_id == Sandbox.runner_id)
+        .join(Sandbox, sa.and_(Sandbox.id == Backup.sandbox_id, Sandbox.runner_id == Backup.runner_id))
         .where(
+            Backup.runner_id.in_(runner_ids),
+            Sandbox.runner_id.in_(runner_ids),
             Backup.state == BackupState.PENDING,
             Backup.next_attempt_at <= now,
             Sandbox.state.in_(list(STATE_PRIORITY)),
@@ -167,13 +162,32 @@ async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, 
         .subquery()
     )
     statement = (
-        sa.select(ranked.c.backup_id, ranked.c.backup_version, ranked.c.sandbox_id, ranked.c.runner_id, ranked.c.cap)
+        sa.select(ranked.c.backup_id, ranked.c.backup_version, ranked.c.sandbox_id, ranked.c.runner_id)
         .where(ranked.c.rank <= ranked.c.free)
         .order_by(ranked.c.rank, ranked.c.priority, ranked.c.runner_id)
         .limit(limit)
     )
     result = await session.execute(statement)
-    return [DispatchCandidate(*row) for row in result.all()]
+    return [DispatchCandidate(*row, cap=room[row.runner_id][0]) for row in result.all()]
+
+
+async def runners_with_room(session: AsyncSession, *, default_cap: int) -> dict[str, tuple[int, int]]:
+    """Return (cap, free slots) for each schedulable runner below its cap, by runner id."""
+    in_flight = (
+        sa.select(Backup.runner_id, sa.func.count().label("n"))
+        .where(Backup.state == BackupState.IN_PROGRESS)
+        .group_by(Backup.runner_id)
+        .subquery()
+    )
+    cap = sa.func.coalesce(Runner.max_concurrent_backups, default_cap)
+    free = cap - sa.func.coalesce(in_flight.c.n, 0)
+    statement = (
+        sa.select(Runner.id, cap, free)
+        .outerjoin(in_flight, in_flight.c.runner_id == Runner.id)
+        .where(Runner.state.in_(list(SCHEDULABLE_RUNNER_STATES)), free > 0)
+    )
+    result = await session.execute(statement)
+    return {runner_id: (runner_cap, slots) for runner_id, runner_cap, slots in result.all()}
 
 
 async def claim_batch(session: AsyncSession, candidates: Sequence[DispatchCandidate], *, now: datetime.datetime) -> list[tuple[Backup, Runner, Registry]]:

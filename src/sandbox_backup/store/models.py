@@ -118,6 +118,8 @@ class Backup(Base):
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(36), primary_key=True)
     sandbox_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("sandboxes.id"))
+    # PENDING: the runner the sandbox is on, kept in step when it moves (dispatch reads PENDING
+    # attempts by runner). From dispatch on: the runner the attempt was sent to.
     runner_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(128))
     registry_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("registries.id"))
     image_ref: orm.Mapped[str] = orm.mapped_column(sa.String(1024))

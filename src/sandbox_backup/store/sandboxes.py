@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from sandbox_backup.domain.schedule import IN_FLIGHT, DueView
-from sandbox_backup.domain.states import SCHEDULABLE_RUNNER_STATES, SandboxBackupState, SandboxState
+from sandbox_backup.domain.states import SCHEDULABLE_RUNNER_STATES, BackupState, SandboxBackupState, SandboxState
 from sandbox_backup.store import guards
-from sandbox_backup.store.models import Runner, Sandbox
+from sandbox_backup.store.models import Backup, Runner, Sandbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +126,22 @@ async def update_sandbox(session: AsyncSession, sandbox: Sandbox, fields: Sandbo
     }
     if fields.state != sandbox.state:
         values["state_changed_at"] = now
-    return await guards.guarded_update(
+    updated = await guards.guarded_update(
         session, Sandbox, sandbox.id, expected={"version": sandbox.version}, values=values, action="update_sandbox"
     )
+    if updated and fields.runner_id != sandbox.runner_id:
+        await _pending_attempt_follows(session, sandbox.id, fields.runner_id)
+    return updated
+
+
+async def _pending_attempt_follows(session: AsyncSession, sandbox_id: str, runner_id: str | None) -> None:
+    """Point the sandbox's PENDING attempt at the runner the sandbox is now on.
+
+    Dispatch reads PENDING attempts by their own runner id and sends only those whose sandbox is
+    still on that runner, so every write that moves a sandbox calls this in the same transaction.
+    """
+    statement = sa.update(Backup).where(Backup.sandbox_id == sandbox_id, Backup.state == BackupState.PENDING).values(runner_id=runner_id)
+    await session.execute(statement, execution_options={"synchronize_session": False})
 
 
 async def set_state(session: AsyncSession, sandbox: Sandbox, state: SandboxState, *, now: datetime.datetime, desired_state: SandboxState | None = None) -> bool:
@@ -227,7 +240,10 @@ async def move_to_runner(
     if started:
         values.update(state=SandboxState.STARTED, state_changed_at=now)
     expected = {"version": sandbox.version, "state": expected_state}
-    return await guards.guarded_update(session, Sandbox, sandbox_id, expected=expected, values=values, action="move_to_runner")
+    moved = await guards.guarded_update(session, Sandbox, sandbox_id, expected=expected, values=values, action="move_to_runner")
+    if moved and runner_id != sandbox.runner_id:
+        await _pending_attempt_follows(session, sandbox_id, runner_id)
+    return moved
 
 
 async def mark_error(session: AsyncSession, sandbox_id: str, *, reason: str, now: datetime.datetime) -> bool:
@@ -246,7 +262,7 @@ async def mark_error(session: AsyncSession, sandbox_id: str, *, reason: str, now
 
 async def finish_archive(session: AsyncSession, sandbox: Sandbox, *, now: datetime.datetime) -> bool:
     """ARCHIVING to ARCHIVED: the sandbox has left its runner."""
-    return await guards.guarded_update(
+    archived = await guards.guarded_update(
         session,
         Sandbox,
         sandbox.id,
@@ -254,6 +270,9 @@ async def finish_archive(session: AsyncSession, sandbox: Sandbox, *, now: dateti
         values={"state": SandboxState.ARCHIVED, "state_changed_at": now, "runner_id": None, "error_reason": None, "updated_at": now},
         action="finish_archive",
     )
+    if archived and sandbox.runner_id is not None:
+        await _pending_attempt_follows(session, sandbox.id, None)
+    return archived
 
 
 async def archiving_ready(session: AsyncSession, *, limit: int) -> list[Sandbox]:
