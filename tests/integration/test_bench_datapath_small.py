@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPOSITORY = Path(__file__).resolve().parents[2]
+from tests.fixtures.bench_scripts import run_bench_script, table_row
 
 pytestmark = pytest.mark.slow
 
 
-def table_row(stdout: str, operation: str) -> list[str]:
-    line = next(line for line in stdout.splitlines() if line.startswith(operation))
-    return [cell.strip() for cell in line.split("|")]
-
-
 def test_bench_datapath_small_prints_table() -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPOSITORY / "bench" / "datapath.py"), "--size-mib", "8", "--repeat", "1"],
-        cwd=REPOSITORY,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    result, output = run_bench_script("datapath.py", "--size-mib", "8", "--repeat", "1")
 
     assert result.returncode == 0, output
     assert "agent median s" in result.stdout, output

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPOSITORY = Path(__file__).resolve().parents[2]
+from tests.fixtures.bench_scripts import run_bench_script, table_row
 
 
 def test_bench_small_completes_every_backup() -> None:
@@ -15,15 +12,7 @@ def test_bench_small_completes_every_backup() -> None:
     env = {name: value for name, value in os.environ.items() if name != "BENCH_PG_URL"}
     env["BENCH_REDIS_URL"] = os.environ.get("SANDBOX_BACKUP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
-    result = subprocess.run(
-        [sys.executable, str(REPOSITORY / "bench" / "run.py"), "--small"],
-        cwd=REPOSITORY,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    result, output = run_bench_script("run.py", "--small", env=env)
 
     assert result.returncode == 0, output
     assert "makespan from t0 (s)" in result.stdout, output
@@ -33,7 +22,6 @@ def test_bench_small_completes_every_backup() -> None:
     assert completed_row.count("20 of 20") == 3, output
     pg_row = next(line for line in result.stdout.splitlines() if line.startswith("SQL per backup above idle, pg_stat_statements"))
     assert "n/a" not in pg_row, output
-    registry_row = next(line for line in result.stdout.splitlines() if line.startswith("registry connections"))
     # The fleet reports the digest, so the manager never needs the registry.
-    assert [cell.strip() for cell in registry_row.split("|")[1:]] == ["0", "0", "0"], output
+    assert table_row(result.stdout, "registry connections")[1:] == ["0", "0", "0"], output
     assert "every backup COMPLETED" in result.stdout, output

@@ -132,7 +132,6 @@ async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, 
     # runner. So the planner reads only those runners' attempts through the (state, runner_id)
     # index. A subquery there made it scan every PENDING attempt of the fleet on each pass.
     runner_ids = list(room)
-    free = sa.case({runner_id: slots for runner_id, (_cap, slots) in room.items()}, value=Backup.runner_id)
     priority = sa.case(
         *[(Sandbox.state == state, rank) for state, rank in STATE_PRIORITY.items()], else_=len(STATE_PRIORITY)
     )
@@ -146,7 +145,6 @@ async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, 
             Backup.version.label("backup_version"),
             Sandbox.id.label("sandbox_id"),
             Backup.runner_id.label("runner_id"),
-            free.label("free"),
             priority.label("priority"),
             rank.label("rank"),
         )
@@ -161,14 +159,18 @@ async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, 
         )
         .subquery()
     )
+    # The largest free count bounds the rank in SQL and each runner's own count is applied below:
+    # a CASE of every runner's count would make a new statement for each number of runners, and
+    # each is compiled and cached anew.
+    most_free = max(slots for _cap, slots in room.values())
     statement = (
-        sa.select(ranked.c.backup_id, ranked.c.backup_version, ranked.c.sandbox_id, ranked.c.runner_id)
-        .where(ranked.c.rank <= ranked.c.free)
+        sa.select(ranked.c.backup_id, ranked.c.backup_version, ranked.c.sandbox_id, ranked.c.runner_id, ranked.c.rank)
+        .where(ranked.c.rank <= most_free)
         .order_by(ranked.c.rank, ranked.c.priority, ranked.c.runner_id)
-        .limit(limit)
     )
     result = await session.execute(statement)
-    return [DispatchCandidate(*row, cap=room[row.runner_id][0]) for row in result.all()]
+    fitting = [row for row in result.all() if row.rank <= room[row.runner_id][1]]
+    return [DispatchCandidate(row.backup_id, row.backup_version, row.sandbox_id, row.runner_id, cap=room[row.runner_id][0]) for row in fitting[:limit]]
 
 
 async def runners_with_room(session: AsyncSession, *, default_cap: int) -> dict[str, tuple[int, int]]:
@@ -222,12 +224,12 @@ async def claim_batch(session: AsyncSession, candidates: Sequence[DispatchCandid
     claim = (
         sa.update(Backup)
         .where(
-            sa.tuple_(Backup.id, Backup.version).in_([(c.backup_id, c.backup_version) for c in chosen]),
+            # The runner is part of the guard: the cap above was counted against it.
+            sa.tuple_(Backup.id, Backup.version, Backup.runner_id).in_([(c.backup_id, c.backup_version, c.runner_id) for c in chosen]),
             Backup.state == BackupState.PENDING,
         )
         .values(
             state=BackupState.IN_PROGRESS,
-            runner_id=sa.case({c.backup_id: c.runner_id for c in chosen}, value=Backup.id),
             started_at=now,
             checked_at=now,
             updated_at=now,
@@ -331,41 +333,48 @@ async def complete(
     )
     if not done:
         return None
-    return Completed(await _mirror_completion(session, backup.id, backup.sandbox_id, started_at=backup.started_at, now=now))
+    states = await mirror_completions(session, [backup], now=now)
+    return Completed(states[backup.id])
 
 
-async def _mirror_completion(
-    session: AsyncSession, backup_id: str, sandbox_id: str, *, started_at: datetime.datetime | None, now: datetime.datetime
-) -> SandboxState | None:
-    """Show a completed attempt on its sandbox, and owe its deletion when the sandbox is being destroyed.
+async def mirror_completions(session: AsyncSession, completed: Sequence[Backup], *, now: datetime.datetime) -> dict[str, SandboxState | None]:
+    """Show each completed attempt on its sandbox, and owe its deletion when the sandbox is being destroyed.
 
-    Returns the sandbox's state, or None when the sandbox is gone.
+    Reads only `id`, `sandbox_id` and `started_at` of each attempt. Returns the sandbox's state
+    by attempt id, None for a sandbox that is gone.
     """
+    if not completed:
+        return {}
+    started = {backup.id: backup.started_at or now for backup in completed}
     mirror = (
         sa.update(Sandbox)
-        .where(Sandbox.id == sandbox_id, Sandbox.current_backup_id == backup_id)
+        .where(Sandbox.current_backup_id.in_(list(started)))
         .values(
             backup_state=SandboxBackupState.COMPLETED,
             last_backup_at=now,
-            last_backup_started_at=started_at or now,
+            last_backup_started_at=sa.case(
+                {backup_id: sa.literal(at, Sandbox.last_backup_started_at.type) for backup_id, at in started.items()}, value=Sandbox.current_backup_id
+            ),
             last_attempt_ended_at=now,
             error_reason=None,
             updated_at=now,
             version=Sandbox.version + 1,
         )
-        .returning(Sandbox.state, Sandbox.desired_state)
+        .returning(Sandbox.current_backup_id, Sandbox.state, Sandbox.desired_state)
     )
-    row = (await session.execute(mirror, execution_options={"synchronize_session": False})).first()
-    if row is None:
-        # The sandbox awaits another attempt (or is gone); its state still decides the cleanup below.
-        sandbox = await session.get(Sandbox, sandbox_id, populate_existing=True)
-        row = None if sandbox is None else (sandbox.state, sandbox.desired_state)
-    if row is not None and SandboxState.DESTROYED in tuple(row):
-        # A push that ended after the destroy: the owed repository deletion removes it too.
-        await session.execute(
-            sa.update(Backup).where(Backup.id == backup_id).values(deleted_at=now), execution_options={"synchronize_session": False}
-        )
-    return None if row is None else row[0]
+    seen = {row[0]: (row[1], row[2]) for row in (await session.execute(mirror, execution_options={"synchronize_session": False})).all()}
+
+    # An attempt its sandbox no longer awaits (rare): the sandbox's state still decides the cleanup.
+    for backup in completed:
+        if backup.id not in seen:
+            sandbox = await session.get(Sandbox, backup.sandbox_id, populate_existing=True)
+            seen[backup.id] = (sandbox.state, sandbox.desired_state) if sandbox is not None else (None, None)
+
+    doomed = [backup_id for backup_id, states in seen.items() if SandboxState.DESTROYED in states]
+    if doomed:
+        # Pushes that ended after the destroy: the owed repository deletion removes them too.
+        await session.execute(sa.update(Backup).where(Backup.id.in_(doomed)).values(deleted_at=now), execution_options={"synchronize_session": False})
+    return {backup_id: states[0] for backup_id, states in seen.items()}
 
 
 async def fail(

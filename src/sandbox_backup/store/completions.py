@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from sandbox_backup.domain.states import BackupState, SandboxBackupState, SandboxState
-from sandbox_backup.store.backups import OPEN_STATES, Completed
-from sandbox_backup.store.models import Backup, Runner, Sandbox
+from sandbox_backup.domain.states import BackupState
+from sandbox_backup.store.backups import OPEN_STATES, Completed, mirror_completions
+from sandbox_backup.store.models import Backup, Runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,44 +70,5 @@ async def complete_many(
     completed = [
         Backup(id=row[0], sandbox_id=row[1], runner_id=row[2], registry_id=row[3], image_ref=row[4], attempt=row[5], started_at=row[6]) for row in rows
     ]
-    states = await _mirror_on_sandboxes(session, completed, now=now)
+    states = await mirror_completions(session, completed, now=now)
     return {backup.image_ref: (backup, Completed(states.get(backup.id))) for backup in completed}
-
-
-async def _mirror_on_sandboxes(session: AsyncSession, completed: list[Backup], *, now: datetime.datetime) -> dict[str, SandboxState | None]:
-    """Show each completed attempt on its sandbox; owe the deletion of those whose sandbox is being destroyed.
-
-    Returns the sandbox state by attempt id.
-    """
-    if not completed:
-        return {}
-    started = {backup.id: backup.started_at or now for backup in completed}
-    mirror = (
-        sa.update(Sandbox)
-        .where(Sandbox.current_backup_id.in_(list(started)))
-        .values(
-            backup_state=SandboxBackupState.COMPLETED,
-            last_backup_at=now,
-            last_backup_started_at=sa.case(
-                {backup_id: sa.literal(at, Sandbox.last_backup_started_at.type) for backup_id, at in started.items()}, value=Sandbox.current_backup_id
-            ),
-            last_attempt_ended_at=now,
-            error_reason=None,
-            updated_at=now,
-            version=Sandbox.version + 1,
-        )
-        .returning(Sandbox.current_backup_id, Sandbox.state, Sandbox.desired_state)
-    )
-    seen = {row[0]: (row[1], row[2]) for row in (await session.execute(mirror, execution_options={"synchronize_session": False})).all()}
-
-    # An attempt its sandbox no longer awaits (rare): the sandbox's state still decides the cleanup.
-    for backup in completed:
-        if backup.id not in seen:
-            sandbox = await session.get(Sandbox, backup.sandbox_id, populate_existing=True)
-            seen[backup.id] = (sandbox.state, sandbox.desired_state) if sandbox is not None else (None, None)
-
-    doomed = [backup_id for backup_id, states in seen.items() if SandboxState.DESTROYED in states]
-    if doomed:
-        # Pushes that ended after the destroy: the owed repository deletion removes them too.
-        await session.execute(sa.update(Backup).where(Backup.id.in_(doomed)).values(deleted_at=now), execution_options={"synchronize_session": False})
-    return {backup_id: states[0] for backup_id, states in seen.items()}

@@ -140,7 +140,12 @@ async def _pending_attempt_follows(session: AsyncSession, sandbox_id: str, runne
     Dispatch reads PENDING attempts by their own runner id and sends only those whose sandbox is
     still on that runner, so every write that moves a sandbox calls this in the same transaction.
     """
-    statement = sa.update(Backup).where(Backup.sandbox_id == sandbox_id, Backup.state == BackupState.PENDING).values(runner_id=runner_id)
+    # The version changes too, so a claim that read the attempt before the move fails its guard.
+    statement = (
+        sa.update(Backup)
+        .where(Backup.sandbox_id == sandbox_id, Backup.state == BackupState.PENDING)
+        .values(runner_id=runner_id, version=Backup.version + 1)
+    )
     await session.execute(statement, execution_options={"synchronize_session": False})
 
 
