@@ -386,3 +386,105 @@ async def _answer_health(reader: asyncio.StreamReader, writer: asyncio.StreamWri
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         writer.close()
+
+
+class _CountingAgent:
+    """A loopback stub of a healthy runner agent that accepts every backup and counts requests by path."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self.server: asyncio.Server | None = None
+        self.connections: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        # Closing the server leaves open connections served, and the manager keeps them alive.
+        for writer in self.connections:
+            writer.close()
+        await self.server.wait_closed()
+
+    def count(self, path_part: str) -> int:
+        return sum(1 for path in self.requests if path_part in path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode()
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                self.requests.append(path)
+                status, body = (b"200 OK", b'{"status":"ok","engineReachable":true}') if path.endswith("/health") else (b"201 Created", b'"Backup started"')
+                writer.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (status, len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+async def test_probe_skips_runner_that_accepted_backup(manager: BackupManager, clock) -> None:  # type: ignore[no-untyped-def]
+    agent = _CountingAgent()
+    try:
+        await add_runner(manager, "r1", api_url=await agent.start())
+        await add_registry(manager)
+        await add_sandbox(manager, "sb-1", runner_id="r1")
+        await manager.probe_runners()
+        await manager.check_running_due()
+        assert await manager.dispatch_pending() == 1
+
+        # Accepting the backup needed the agent and its engine: no probe within one interval.
+        clock.advance(5)
+        await manager.probe_runners()
+        probes_within_interval = agent.count("/health")
+
+        clock.advance(manager.ctx.settings.runner_health_interval_s)
+        await manager.probe_runners()
+        probes_after_interval = agent.count("/health")
+    finally:
+        await agent.stop()
+
+    assert agent.count("/backup") == 1
+    assert probes_within_interval == 1
+    assert probes_after_interval == 2
+
+
+async def test_failed_dispatch_keeps_runner_probed(manager: BackupManager, clock) -> None:  # type: ignore[no-untyped-def]
+    agent = _CountingAgent()
+    await add_runner(manager, "r1", api_url=await agent.start())
+    await add_registry(manager)
+    await add_sandbox(manager, "sb-1", runner_id="r1")
+    await manager.probe_runners()
+    await manager.check_running_due()
+    assert await manager.dispatch_pending() == 1
+    await agent.stop()
+
+    # The agent is gone: the next dispatch fails, and the probe right after it runs and counts a failure.
+    clock.advance(1)
+    await add_sandbox(manager, "sb-2", runner_id="r1")
+    await manager.check_running_due()
+    assert await manager.dispatch_pending() == 1
+    await manager.probe_runners()
+
+    assert (await _runner(manager, "r1")).failed_probes == 1
+
+
+async def test_probe_pass_covers_many_runners(manager_factory) -> None:  # type: ignore[no-untyped-def]
+    # More runners than probe workers (runner_call_concurrency // 2): every runner is still probed once.
+    manager = await manager_factory(runner_call_concurrency=4)
+    agent = _CountingAgent()
+    try:
+        url = await agent.start()
+        for index in range(9):
+            await add_runner(manager, f"r{index}", api_url=url)
+        await manager.probe_runners()
+    finally:
+        await agent.stop()
+
+    assert agent.count("/health") == 9
+    for index in range(9):
+        assert (await _runner(manager, f"r{index}")).last_seen_at is not None

@@ -42,6 +42,9 @@ class ManagerContext:
     wake_restore: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     wake_archive: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     runner_calls: asyncio.Semaphore = dataclasses.field(init=False)
+    # When each runner last accepted a backup from this manager. Accepting one needs the agent
+    # and its engine, so the health job skips runners that did so within one probe interval.
+    runner_accepted_at: dict[str, datetime.datetime] = dataclasses.field(default_factory=dict)
     # One small connection pool per runner address (see runner_http).
     _runner_pools: dict[str, httpx.AsyncClient] = dataclasses.field(init=False, default_factory=dict)
     _tls: ssl.SSLContext | None = dataclasses.field(init=False, default=None)

@@ -65,8 +65,11 @@ async def _send(ctx: ManagerContext, attempt: ClaimedAttempt) -> bool:
         await attempts.fail_attempt(ctx, backup, reason=f"runner {runner.id} rejected the backup: {exc}", transient=exc.status_code == 409)
         return False
     except errors.RunnerError as exc:
+        # The next health pass probes this runner even if it accepted a backup moments ago.
+        ctx.runner_accepted_at.pop(runner.id, None)
         await attempts.fail_attempt(ctx, backup, reason=f"could not start the backup on runner {runner.id}: {exc}", transient=True)
         return False
+    ctx.runner_accepted_at[runner.id] = ctx.now()
     return True
 
 

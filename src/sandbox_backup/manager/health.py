@@ -19,11 +19,31 @@ LAST_SEEN_RESOLUTION = datetime.timedelta(seconds=60)
 
 
 async def probe_runners(ctx: ManagerContext) -> int:
-    """Probe every runner once; return how many changed state."""
+    """Probe every runner once, except those a recent backup proved healthy; return how many changed state."""
     async with ctx.db.transaction() as session:
         runners = await fleet.list_runners(session)
-    changes = await asyncio.gather(*(_probe(ctx, runner) for runner in runners))
+    due = [runner for runner in runners if not _recently_proven(ctx, runner)]
+
+    # A few workers take the runners in turn. One task per runner, all queued on the shared
+    # runner-call semaphore, costs more CPU than the probes, because each acquire scans the waiters.
+    changes: list[bool] = []
+
+    async def work() -> None:
+        while due:
+            changes.append(await _probe(ctx, due.pop()))
+
+    workers = max(1, ctx.settings.runner_call_concurrency // 2)
+    await asyncio.gather(*(work() for _ in range(min(workers, len(due)))))
     return sum(1 for changed in changes if changed)
+
+
+def _recently_proven(ctx: ManagerContext, runner: Runner) -> bool:
+    """Return True when the runner accepted a backup within one probe interval and a probe would record nothing."""
+    accepted_at = ctx.runner_accepted_at.get(runner.id)
+    if accepted_at is None:
+        return False
+    recent = ctx.now() - accepted_at < datetime.timedelta(seconds=ctx.settings.runner_health_interval_s)
+    return recent and _nothing_to_record(runner, ctx.now())
 
 
 async def _probe(ctx: ManagerContext, runner: Runner) -> bool:
