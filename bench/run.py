@@ -201,7 +201,11 @@ async def run_workload(workload: str, size: Size, workdir: Path, register: str) 
     database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}"
     events_path = workdir / f"{workload}-fleet-events.jsonl"
     sql_count_path = workdir / f"{workload}-sql-count"
-    manager_port = free_port()
+    # The port stays bound until the manager starts: the fleet's 1000 listeners take ports from
+    # the same ephemeral range and could otherwise take this one first.
+    manager_port_holder = socket.socket()
+    manager_port_holder.bind(("127.0.0.1", 0))
+    manager_port = manager_port_holder.getsockname()[1]
     manager_url = f"http://127.0.0.1:{manager_port}"
 
     admin = await asyncpg.connect(PG_ADMIN_URL)
@@ -247,6 +251,7 @@ async def run_workload(workload: str, size: Size, workdir: Path, register: str) 
             "BENCH_REDIS_KEY_PREFIX": f"{database}:",
             **size.manager_env,
         }
+        manager_port_holder.close()
         manager = subprocess.Popen(
             [sys.executable, str(BENCH_DIR / "manager_main.py")],
             env=env,
@@ -286,6 +291,7 @@ async def run_workload(workload: str, size: Size, workdir: Path, register: str) 
         after = await snapshot(manager.pid, fleet.pid, sql_count_path, admin, database, pg_stat)
         rss = peak_rss_mib(manager.pid)
     finally:
+        manager_port_holder.close()
         for process in (manager, fleet):
             if process is not None and process.poll() is None:
                 process.terminate()
@@ -530,11 +536,23 @@ def main() -> None:
     parser.add_argument("--workload", choices=("w1", "w2", "w2b", "w3", "all"), default="all", help="workload to run (all = w1, w2b, w2)")
     parser.add_argument("--register", choices=("batch", "single"), default="batch", help="how w1 and w2b make sandboxes known")
     parser.add_argument("--keep", metavar="DIR", help="write the fleet event logs and manager logs to DIR and keep them")
+    parser.add_argument(
+        "--manager-setting", action="append", default=[], metavar="NAME=VALUE", help="a manager setting for this run, e.g. event_loop=asyncio (repeatable)"
+    )
     args = parser.parse_args()
+    extra_env = {}
+    for item in args.manager_setting:
+        name, separator, value = item.partition("=")
+        if not separator or not name:
+            parser.error(f"--manager-setting {item!r}: expected NAME=VALUE, e.g. event_loop=asyncio")
+        extra_env[f"SANDBOX_BACKUP_{name.upper()}"] = value
 
     workloads = ["w1", "w2b", "w2"] if args.workload == "all" else [args.workload]
+    sizes = {workload: size_for(workload, args.small) for workload in workloads}
+    for size in sizes.values():
+        size.manager_env.update(extra_env)
     for workload in workloads:
-        size = size_for(workload, args.small)
+        size = sizes[workload]
         durations = f"{size.duration_s}" if size.duration_max_s is None else f"{size.duration_s} to {size.duration_max_s}"
         overrides = ", ".join(f"{name}={value}" for name, value in size.manager_env.items()) or "none"
         print(
@@ -554,7 +572,7 @@ def main() -> None:
             PG_ADMIN_URL = server.url
             print(f"PostgreSQL: a private server on 127.0.0.1:{server.port} with pg_stat_statements")
         try:
-            results = [asyncio.run(run_workload(w, size_for(w, args.small), workdir, args.register)) for w in workloads]
+            results = [asyncio.run(run_workload(w, sizes[w], workdir, args.register)) for w in workloads]
         finally:
             if server is not None:
                 server.stop()

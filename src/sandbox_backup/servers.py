@@ -8,9 +8,15 @@ import json
 import logging
 import re
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any
 
 import uvicorn
+
+try:
+    import uvloop
+except ImportError:  # uvloop has no Windows build; asyncio's own loop runs everything the same, only slower.
+    uvloop = None
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +29,21 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def make_server(app: object, *, host: str, port: int) -> EmbeddedServer:
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+def make_server(app: object, *, host: str, port: int, http_parser: str = "auto") -> EmbeddedServer:
+    """Build a uvicorn server; `http_parser` is uvicorn's `http` option (auto, httptools or h11)."""
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on", http=http_parser)
     return EmbeddedServer(config)
+
+
+def run(main: Coroutine[Any, Any, None], event_loop: str = "auto") -> None:
+    """Run `main` to completion on a new event loop: uvloop for "uvloop", and for "auto" when it is installed."""
+    if event_loop == "uvloop" and uvloop is None:
+        main.close()
+        raise RuntimeError("event_loop is uvloop but the uvloop package is not installed; install it or set event_loop to auto")
+    if event_loop != "asyncio" and uvloop is not None:
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 # Reports carry the outcome of work that is already running, so a draining manager still records them.

@@ -50,7 +50,7 @@ def serve() -> None:
     if not settings.api_token.get_secret_value():
         typer.echo("SANDBOX_BACKUP_API_TOKEN (api_token): missing; set the bearer token the API requires", err=True)
         raise typer.Exit(2)
-    asyncio.run(_serve_manager(settings))
+    servers.run(_serve_manager(settings), settings.event_loop)
 
 
 async def _serve_manager(settings: Settings, *extra_servers: servers.EmbeddedServer, on_ready=None, drain_extra=None) -> None:  # type: ignore[no-untyped-def]
@@ -60,7 +60,7 @@ async def _serve_manager(settings: Settings, *extra_servers: servers.EmbeddedSer
             await on_ready(manager)
         await manager.start()
         app = servers.RejectWritesWhileDraining(create_app(manager), lambda: manager.draining)
-        api_server = servers.make_server(app, host=settings.api_host, port=settings.api_port)
+        api_server = servers.make_server(app, host=settings.api_host, port=settings.api_port, http_parser=settings.http_parser)
         logger.info("manager API listening", extra={"action": "api_listening", "url": f"http://{settings.api_host}:{settings.api_port}"})
 
         async def drain() -> None:
@@ -132,4 +132,4 @@ def up(
     async def drain_runner() -> None:
         await runner_app.drain_backups(runner_server.config.app)
 
-    asyncio.run(_serve_manager(settings, runner_server, on_ready=register_local_parts, drain_extra=drain_runner))
+    servers.run(_serve_manager(settings, runner_server, on_ready=register_local_parts, drain_extra=drain_runner), settings.event_loop)
