@@ -15,7 +15,7 @@ import uvicorn
 
 try:
     import uvloop
-except ImportError:  # uvloop has no Windows build; asyncio's own loop runs everything the same, only slower.
+except ImportError:  # uvloop has no Windows build. asyncio's own loop runs the same code, with more CPU.
     uvloop = None
 
 logger = logging.getLogger(__name__)

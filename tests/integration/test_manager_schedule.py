@@ -453,6 +453,31 @@ async def test_probe_skips_runner_that_accepted_backup(manager: BackupManager, c
     assert probes_after_interval == 2
 
 
+async def test_busy_runner_seen_without_probes(manager: BackupManager, clock) -> None:  # type: ignore[no-untyped-def]
+    agent = _CountingAgent()
+    try:
+        await add_runner(manager, "r1", api_url=await agent.start())
+        await add_registry(manager)
+        await add_sandbox(manager, "sb-1", runner_id="r1")
+        await manager.probe_runners()
+        await manager.check_running_due()
+        await manager.dispatch_pending()
+
+        # A minute later the runner accepts another backup: that refreshes last_seen_at, so the
+        # probe pass right after it still has nothing to ask.
+        clock.advance(61)
+        await add_sandbox(manager, "sb-2", runner_id="r1")
+        await manager.check_running_due()
+        assert await manager.dispatch_pending() == 1
+        seen = (await _runner(manager, "r1")).last_seen_at
+        await manager.probe_runners()
+    finally:
+        await agent.stop()
+
+    assert seen == clock.now()
+    assert agent.count("/health") == 1
+
+
 async def test_failed_dispatch_keeps_runner_probed(manager: BackupManager, clock) -> None:  # type: ignore[no-untyped-def]
     agent = _CountingAgent()
     await add_runner(manager, "r1", api_url=await agent.start())

@@ -7,10 +7,10 @@ import dataclasses
 import logging
 
 from sandbox_backup import errors
-from sandbox_backup.manager import attempts
+from sandbox_backup.manager import attempts, health
 from sandbox_backup.manager.context import ManagerContext
 from sandbox_backup.runner.models import RegistryCredentials
-from sandbox_backup.store import backups
+from sandbox_backup.store import backups, fleet
 from sandbox_backup.store.models import Backup, Registry, Runner
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,15 @@ async def _send(ctx: ManagerContext, attempt: ClaimedAttempt) -> bool:
 async def _record_accepted(ctx: ManagerContext, accepted: list[ClaimedAttempt]) -> None:
     if not accepted:
         return
+    now = ctx.now()
+    # An accepted backup proves the runner is healthy, as an answered probe does, so a busy
+    # runner's last_seen_at stays current without probes. It is written at most once a minute.
+    seen_before = now - health.LAST_SEEN_RESOLUTION
+    stale = {attempt.runner.id for attempt in accepted if attempt.runner.last_seen_at is None or attempt.runner.last_seen_at < seen_before}
     async with ctx.db.transaction() as session:
-        still_open = await backups.mark_accepted(session, [attempt.backup.id for attempt in accepted], now=ctx.now())
+        still_open = await backups.mark_accepted(session, [attempt.backup.id for attempt in accepted], now=now)
+        if stale:
+            await fleet.mark_seen(session, list(stale), now=now, older_than=seen_before)
     for attempt in accepted:
         if attempt.backup.id in still_open:
             logger.info("backup started on runner", extra={"action": "backup_dispatched", **attempt.log_extra()})

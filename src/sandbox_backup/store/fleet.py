@@ -79,6 +79,16 @@ async def record_probe(session: AsyncSession, runner: Runner, *, answered: bool,
     return new_state if changed else None
 
 
+async def mark_seen(session: AsyncSession, runner_ids: Sequence[str], *, now: datetime.datetime, older_than: datetime.datetime) -> None:
+    """Set `last_seen_at` of the runners among `runner_ids` whose value is older than `older_than`."""
+    statement = (
+        sa.update(Runner)
+        .where(Runner.id.in_(sorted(runner_ids)), sa.or_(Runner.last_seen_at.is_(None), Runner.last_seen_at < older_than))
+        .values(last_seen_at=now)
+    )
+    await session.execute(statement, execution_options={"synchronize_session": False})
+
+
 async def upsert_registry(
     session: AsyncSession,
     *,
