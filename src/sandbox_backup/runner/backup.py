@@ -72,6 +72,8 @@ class _Attempt:
         self.stop_reason: str | None = None
         self.timed_out = False
         self.task: asyncio.Task[None] | None = None
+        # The attempt this one replaced, whose task must end before this one commits.
+        self.replaces: asyncio.Task[None] | None = None
 
     @property
     def log_extra(self) -> dict[str, str]:
@@ -165,6 +167,7 @@ class BackupJobs:
         previous = self._running.get(sandbox_id)
         if previous is not None:
             previous.stop(f"replaced by a backup request for {request.snapshot}")
+            attempt.replaces = previous.task
             logger.info(
                 "backup attempt for %s replaced by a request for %s",
                 previous.request.snapshot,
@@ -267,6 +270,12 @@ class BackupJobs:
         snapshot = attempt.request.snapshot
         images: list[CommittedImage] = []
         try:
+            if attempt.replaces is not None:
+                # The replaced attempt removes its committed image as it stops. The engine may
+                # reuse that image's layer for a new commit of the same container (Podman then
+                # failed the commit with "layer not known"), so this commit waits for the removal.
+                await attempt.wait(asyncio.wait({attempt.replaces}))
+                attempt.raise_if_stopped()
             with self._metrics.commit_duration.time():
                 image = await attempt.wait(
                     self._engine.commit(attempt.container_id, snapshot, pause=self._pause_on_commit)
