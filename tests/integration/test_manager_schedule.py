@@ -427,15 +427,25 @@ class _CountingAgent:
             writer.close()
 
 
+async def _start_busy_runner(manager: BackupManager, agent: _CountingAgent) -> None:
+    """Register runner r1 on `agent` and a registry, probe once, and dispatch one backup to r1."""
+    await add_runner(manager, "r1", api_url=await agent.start())
+    await add_registry(manager)
+    await manager.probe_runners()
+    assert await _dispatch_new_sandbox(manager, "sb-1") == 1
+
+
+async def _dispatch_new_sandbox(manager: BackupManager, sandbox_id: str) -> int:
+    """Register a running sandbox on r1, queue its backup and run one dispatch pass; return how many were sent."""
+    await add_sandbox(manager, sandbox_id, runner_id="r1")
+    await manager.check_running_due()
+    return await manager.dispatch_pending()
+
+
 async def test_probe_skips_runner_that_accepted_backup(manager: BackupManager, clock) -> None:  # type: ignore[no-untyped-def]
     agent = _CountingAgent()
     try:
-        await add_runner(manager, "r1", api_url=await agent.start())
-        await add_registry(manager)
-        await add_sandbox(manager, "sb-1", runner_id="r1")
-        await manager.probe_runners()
-        await manager.check_running_due()
-        assert await manager.dispatch_pending() == 1
+        await _start_busy_runner(manager, agent)
 
         # Accepting the backup needed the agent and its engine: no probe within one interval.
         clock.advance(5)
@@ -456,19 +466,12 @@ async def test_probe_skips_runner_that_accepted_backup(manager: BackupManager, c
 async def test_busy_runner_seen_without_probes(manager: BackupManager, clock) -> None:  # type: ignore[no-untyped-def]
     agent = _CountingAgent()
     try:
-        await add_runner(manager, "r1", api_url=await agent.start())
-        await add_registry(manager)
-        await add_sandbox(manager, "sb-1", runner_id="r1")
-        await manager.probe_runners()
-        await manager.check_running_due()
-        await manager.dispatch_pending()
+        await _start_busy_runner(manager, agent)
 
-        # A minute later the runner accepts another backup: that refreshes last_seen_at, so the
+        # A minute later the runner accepts another backup. That refreshes last_seen_at, so the
         # probe pass right after it still has nothing to ask.
         clock.advance(61)
-        await add_sandbox(manager, "sb-2", runner_id="r1")
-        await manager.check_running_due()
-        assert await manager.dispatch_pending() == 1
+        assert await _dispatch_new_sandbox(manager, "sb-2") == 1
         seen = (await _runner(manager, "r1")).last_seen_at
         await manager.probe_runners()
     finally:
@@ -480,19 +483,12 @@ async def test_busy_runner_seen_without_probes(manager: BackupManager, clock) ->
 
 async def test_failed_dispatch_keeps_runner_probed(manager: BackupManager, clock) -> None:  # type: ignore[no-untyped-def]
     agent = _CountingAgent()
-    await add_runner(manager, "r1", api_url=await agent.start())
-    await add_registry(manager)
-    await add_sandbox(manager, "sb-1", runner_id="r1")
-    await manager.probe_runners()
-    await manager.check_running_due()
-    assert await manager.dispatch_pending() == 1
+    await _start_busy_runner(manager, agent)
     await agent.stop()
 
     # The agent is gone: the next dispatch fails, and the probe right after it runs and counts a failure.
     clock.advance(1)
-    await add_sandbox(manager, "sb-2", runner_id="r1")
-    await manager.check_running_due()
-    assert await manager.dispatch_pending() == 1
+    assert await _dispatch_new_sandbox(manager, "sb-2") == 1
     await manager.probe_runners()
 
     assert (await _runner(manager, "r1")).failed_probes == 1

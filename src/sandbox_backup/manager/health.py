@@ -42,8 +42,9 @@ def _recently_proven(ctx: ManagerContext, runner: Runner) -> bool:
     accepted_at = ctx.runner_accepted_at.get(runner.id)
     if accepted_at is None:
         return False
-    recent = ctx.now() - accepted_at < datetime.timedelta(seconds=ctx.settings.runner_health_interval_s)
-    return recent and _nothing_to_record(runner, ctx.now())
+    now = ctx.now()
+    recent = now - accepted_at < datetime.timedelta(seconds=ctx.settings.runner_health_interval_s)
+    return recent and _nothing_to_record(runner, now)
 
 
 async def _probe(ctx: ManagerContext, runner: Runner) -> bool:

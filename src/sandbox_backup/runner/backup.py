@@ -271,9 +271,8 @@ class BackupJobs:
         images: list[CommittedImage] = []
         try:
             if attempt.replaces is not None:
-                # The replaced attempt removes its committed image as it stops. The engine may
-                # reuse that image's layer for a new commit of the same container (Podman then
-                # failed the commit with "layer not known"), so this commit waits for the removal.
+                # The replaced attempt removes its committed image as it stops. Podman 4.3 failed
+                # a commit of the same container made during that removal ("layer not known").
                 await attempt.wait(asyncio.wait({attempt.replaces}))
                 attempt.raise_if_stopped()
             with self._metrics.commit_duration.time():

@@ -159,13 +159,13 @@ async def dispatch_candidates(session: AsyncSession, *, now: datetime.datetime, 
         )
         .subquery()
     )
-    # The largest free count bounds the rank in SQL and each runner's own count is applied below:
-    # a CASE of every runner's count would make a new statement for each number of runners, and
-    # each is compiled and cached anew.
-    most_free = max(slots for _cap, slots in room.values())
+    # The largest free count bounds the rank in SQL, and each runner's own count is applied below.
+    # A CASE of every runner's count would make a new statement, compiled and cached anew, for
+    # each number of runners with room.
+    max_free = max(slots for _cap, slots in room.values())
     statement = (
         sa.select(ranked.c.backup_id, ranked.c.backup_version, ranked.c.sandbox_id, ranked.c.runner_id, ranked.c.rank)
-        .where(ranked.c.rank <= most_free)
+        .where(ranked.c.rank <= max_free)
         .order_by(ranked.c.rank, ranked.c.priority, ranked.c.runner_id)
     )
     result = await session.execute(statement)
